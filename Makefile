@@ -1,0 +1,36 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (the test suite).
+# Each creates .venv on first use; torch is pinned through constraints.txt so a CPU machine
+# never downloads a CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lowbit-installed
+
+.PHONY: demo test test-all lint bench
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip -c constraints.txt
+	$(PY) -m pip install -q -c constraints.txt -e '.[hf,dev]'
+	touch $(STAMP)
+
+# Quantize the default model (SmolLM2-135M-Instruct) at int8 per-channel and int4 group 64,
+# save both, and print the WikiText-2 perplexity / size comparison table.
+demo: $(STAMP)
+	$(VENV)/bin/lowbit quantize --bits 8 --out runs/int8
+	$(VENV)/bin/lowbit quantize --bits 4 --group-size 64 --out runs/int4-g64
+	$(VENV)/bin/lowbit eval runs/int8 runs/int4-g64
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_quantize.py
+	$(PY) benchmarks/bench_linear.py

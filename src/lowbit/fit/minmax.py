@@ -1,0 +1,44 @@
+"""Range fits: ``minmax`` (asymmetric) and ``absmax`` (symmetric)."""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.fit.registry import register_fit
+from lowbit.grids import Grid
+from lowbit.spec import QuantSpec
+
+
+@register_fit("minmax")
+def fit_minmax(blocks: torch.Tensor, grid: Grid, spec: QuantSpec):
+    """Stretch the grid over ``[min(x, 0), max(x, 0)]`` of each block.
+
+    The range always contains 0 so that the integer zero point lies on the grid: 0.0 is then
+    restored exactly, and rows of one sign keep their full resolution. For a symmetric spec
+    this falls back to ``absmax``.
+    """
+    if spec.symmetric:
+        return fit_absmax(blocks, grid, spec)
+    vmin, vmax = grid.value_range(spec.bits)
+    lo, hi = torch.aminmax(blocks, dim=-1)
+    lo = lo.clamp(max=0.0)
+    hi = hi.clamp(min=0.0)
+    scale = (hi - lo) / (vmax - vmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = vmin - lo / scale
+    return scale, zero
+
+
+@register_fit("absmax")
+def fit_absmax(blocks: torch.Tensor, grid: Grid, spec: QuantSpec):
+    """Symmetric: ``scale = max|x| / (vmax - centre)``, zero at the grid's centre.
+
+    Used with an asymmetric spec it still stores a zero point, fixed at the centre.
+    """
+    _, vmax = grid.value_range(spec.bits)
+    center = grid.center(spec.bits)
+    absmax = blocks.abs().amax(dim=-1)
+    scale = absmax / (vmax - center)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = None if spec.symmetric else torch.full_like(scale, center)
+    return scale, zero

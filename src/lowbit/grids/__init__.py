@@ -1,0 +1,6 @@
+"""Value sets a code may take (grids), looked up by name."""
+
+from lowbit.grids.registry import Grid, available_grids, get_grid, register_grid
+from lowbit.grids.uniform import UniformIntGrid
+
+__all__ = ["Grid", "UniformIntGrid", "available_grids", "get_grid", "register_grid"]

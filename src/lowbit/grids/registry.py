@@ -1,0 +1,56 @@
+"""The grid interface and the name -> grid registry."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class Grid(Protocol):
+    """A set of values a ``bits``-bit code can stand for, before the block's affine map.
+
+    A weight is restored as ``(decode(q) - zero) * scale``. ``encode`` is the inverse of
+    ``decode`` up to rounding: it maps normalised values ``w / scale + zero`` to the nearest code.
+    """
+
+    name: str
+
+    def check_bits(self, bits: int) -> None:
+        """Raise ``ValueError`` naming ``bits`` if this grid cannot use that width."""
+
+    def value_range(self, bits: int) -> tuple[float, float]:
+        """Smallest and largest ``decode`` value (used by the scale fits)."""
+
+    def center(self, bits: int) -> float:
+        """The zero point a symmetric block uses (``decode`` value that means 0.0)."""
+
+    def encode_(self, normalized: torch.Tensor, bits: int) -> torch.Tensor:
+        """Round float32 normalised values to codes, in place where possible; returns uint8."""
+
+    def decode(self, codes: torch.Tensor, bits: int) -> torch.Tensor:
+        """uint8 codes -> float32 grid values."""
+
+
+_GRIDS: dict[str, Grid] = {}
+
+
+def register_grid(grid: Grid) -> Grid:
+    """Add ``grid`` under ``grid.name``; a second grid with the same name is an error."""
+    if grid.name in _GRIDS:
+        raise ValueError(f"grid {grid.name!r} is already registered")
+    _GRIDS[grid.name] = grid
+    return grid
+
+
+def get_grid(name: str) -> Grid:
+    """The grid registered as ``name``; an unknown name raises listing the registered ones."""
+    try:
+        return _GRIDS[name]
+    except KeyError:
+        raise ValueError(f"unknown grid {name!r}; registered: {sorted(_GRIDS)}") from None
+
+
+def available_grids() -> list[str]:
+    """Names of all registered grids."""
+    return sorted(_GRIDS)

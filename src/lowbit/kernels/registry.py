@@ -1,0 +1,63 @@
+"""The kernel interface and registry.
+
+A kernel computes ``x @ dequantize(qt).T`` without materialising the float weight. It has:
+
+* ``supports(qt, device) -> bool``: whether it can run this format on this device type;
+* ``prepare(qt) -> dict[str, Tensor]``: its own weight layout, derived from the canonical
+  `QuantizedTensor` (never stored on disk: storage depends on the spec, not the machine);
+* ``run(x, prepared, bias) -> Tensor``: the matmul, ``x`` of shape ``[tokens, in_features]``;
+* ``max_tokens``: above this many rows of ``x`` dequantize + ``F.linear`` is faster (measured in
+  ``benchmarks/bench_linear.py``), so `QuantLinear` falls back to it.
+
+Kernels are tried in registration order; the first that supports the format wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.tensor import QuantizedTensor
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    supports: Callable[[QuantizedTensor, torch.device], bool]
+    prepare: Callable[[QuantizedTensor], dict[str, torch.Tensor]]
+    run: Callable[[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None], torch.Tensor]
+    max_tokens: int
+
+
+_KERNELS: dict[str, Kernel] = {}
+
+
+def register_kernel(kernel: Kernel) -> Kernel:
+    """Add ``kernel``; names are unique."""
+    if kernel.name in _KERNELS:
+        raise ValueError(f"kernel {kernel.name!r} is already registered")
+    _KERNELS[kernel.name] = kernel
+    return kernel
+
+
+def get_kernel(name: str) -> Kernel:
+    """The kernel registered as ``name``; an unknown name raises listing the registered ones."""
+    try:
+        return _KERNELS[name]
+    except KeyError:
+        raise ValueError(f"unknown kernel {name!r}; registered: {sorted(_KERNELS)}") from None
+
+
+def available_kernels() -> list[str]:
+    """Names of all registered kernels."""
+    return list(_KERNELS)
+
+
+def select_kernel(qt: QuantizedTensor, device: torch.device) -> Kernel | None:
+    """The first registered kernel that supports ``qt`` on ``device``, or ``None``."""
+    for kernel in _KERNELS.values():
+        if kernel.supports(qt, device):
+            return kernel
+    return None

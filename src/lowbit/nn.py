@@ -1,0 +1,172 @@
+"""`QuantLinear`: a drop-in `nn.Linear` replacement holding a `QuantizedTensor`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.kernels import Kernel, get_kernel, select_kernel
+from lowbit.quantize import quantize
+from lowbit.spec import QuantSpec
+from lowbit.tensor import FLOAT_DTYPES, BlockLayout, QuantizedTensor
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` stored quantized (weight-only quantization).
+
+    Buffers ``packed``, ``scale`` and (asymmetric specs) ``zero`` are the `QuantizedTensor`'s
+    tensors; they are what ``state_dict`` saves. The forward pass asks the kernel registry for a
+    packed kernel for this format and device; when there is none, when more than the kernel's
+    ``max_tokens`` rows come in, or when ``x`` needs a gradient, it dequantizes and calls
+    ``F.linear`` in the activation's dtype.
+
+    Args:
+        in_features, out_features, bias: as `nn.Linear`.
+        spec: the weight's `QuantSpec`.
+        dtype: dtype of the original weight (what ``dequantize_weight`` returns) and of the bias.
+        device: where the (empty) buffers are created.
+        kernel: ``"auto"`` (registry's choice), ``"dequantize"`` (never a packed kernel) or a
+            registered kernel name.
+        cache_dequantized: keep the dequantized weight between calls of the fallback path
+            (faster, but gives back the memory quantization saved).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        spec: QuantSpec | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        kernel: str = "auto",
+        cache_dequantized: bool = False,
+    ) -> None:
+        super().__init__()
+        spec = spec if spec is not None else QuantSpec()
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+        if dtype not in FLOAT_DTYPES.values():
+            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        if kernel not in ("auto", "dequantize"):
+            get_kernel(kernel)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.spec = spec
+        self.weight_dtype = dtype
+        self.kernel = kernel
+        self.cache_dequantized = cache_dequantized
+        layout = BlockLayout.of((out_features, in_features), spec)
+        shapes = layout.expected_shapes(spec)
+        self.register_buffer("packed", torch.zeros(shapes["packed"], dtype=torch.uint8, device=device))
+        scale_dtype = FLOAT_DTYPES[spec.scale_dtype]
+        self.register_buffer("scale", torch.ones(shapes["scale"], dtype=scale_dtype, device=device))
+        zero = None
+        if "zero" in shapes:
+            zero = torch.zeros(shapes["zero"], dtype=torch.uint8, device=device)
+        self.register_buffer("zero", zero)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+        self._prepared: tuple[str, torch.device, dict] | None = None
+        self._dequantized: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec, *, name: str = "weight", **kwargs) -> QuantLinear:
+        """Quantize ``linear.weight`` with ``spec``; the bias is kept as is."""
+        qt = quantize(linear.weight.detach(), spec, name=name)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls.from_quantized(qt, bias, **kwargs)
+
+    @classmethod
+    def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None, **kwargs) -> QuantLinear:
+        """Wrap an existing 2-D `QuantizedTensor` ``[out, in]`` and an optional bias ``[out]``."""
+        if len(qt.shape) != 2:
+            raise ValueError(f"QuantLinear needs a 2-D weight, got shape {list(qt.shape)}")
+        out_features, in_features = qt.shape
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias has shape {list(bias.shape)}, expected [{out_features}]")
+        layer = cls(
+            in_features, out_features, bias is not None, qt.spec,
+            dtype=qt.dtype, device="meta", **kwargs,
+        )
+        layer.packed, layer.scale, layer.zero = qt.packed, qt.scale, qt.zero
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.clone(), requires_grad=bias.requires_grad)
+        return layer
+
+    @property
+    def quantized_weight(self) -> QuantizedTensor:
+        """The weight as a `QuantizedTensor` (shares this layer's buffers)."""
+        return QuantizedTensor(
+            self.packed, self.scale, self.zero, self.spec,
+            torch.Size((self.out_features, self.in_features)), self.weight_dtype,
+        )
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The restored weight ``[out_features, in_features]`` (``dtype`` defaults to the original)."""
+        return self.quantized_weight.dequantize(dtype)
+
+    def selected_kernel(self, device: torch.device | None = None) -> Kernel | None:
+        """The packed kernel small batches use on ``device`` (default: the buffers'), or ``None``."""
+        device = device or self.packed.device
+        if self.kernel == "dequantize":
+            return None
+        if self.kernel == "auto":
+            return select_kernel(self.quantized_weight, device)
+        kernel = get_kernel(self.kernel)
+        if not kernel.supports(self.quantized_weight, device):
+            raise ValueError(f"kernel {self.kernel!r} does not support {self.spec.label} on {device}")
+        return kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"QuantLinear expects inputs with last dim {self.in_features}, got {list(x.shape)}"
+            )
+        tokens = x.numel() // max(1, self.in_features)
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        kernel = None if needs_grad else self.selected_kernel(x.device)
+        if kernel is not None and tokens <= kernel.max_tokens:
+            return kernel.run(x, self._prepared_for(kernel, x.device), self.bias)
+        weight = self._weight_for(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+    def _prepared_for(self, kernel: Kernel, device: torch.device) -> dict:
+        # Kernel layouts are derived, machine-specific data: built on first use, never saved.
+        cached = self._prepared
+        if cached is None or cached[0] != kernel.name or cached[1] != device:
+            cached = (kernel.name, device, kernel.prepare(self.quantized_weight))
+            self._prepared = cached
+        return cached[2]
+
+    def _weight_for(self, dtype: torch.dtype) -> torch.Tensor:
+        if self._dequantized is not None and self._dequantized.dtype == dtype:
+            return self._dequantized
+        weight = self.dequantize_weight(dtype)
+        if self.cache_dequantized:
+            self._dequantized = weight
+        return weight
+
+    def _apply(self, fn, recurse=True):
+        # Scales keep their stored dtype under model.half()/.to(dtype): a cast would change
+        # the quantized values and break the spec. Only their device follows.
+        self._prepared = None
+        self._dequantized = None
+        scale = self._buffers.pop("scale")
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            target = fn(torch.zeros(1, dtype=scale.dtype, device=scale.device)).device
+            self._buffers["scale"] = scale.to(target)
+        return result
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, spec={self.spec.label!r}"
+        )

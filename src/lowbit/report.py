@@ -1,0 +1,121 @@
+"""`Report`: what quantizing a model did, per layer and in total; prints as a table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerReport:
+    """One layer: its spec and what quantizing it cost (``spec`` is ``None`` when kept float)."""
+
+    name: str
+    shape: tuple[int, ...]
+    spec: str | None
+    bits_per_weight: float
+    rel_error: float | None = None
+    sqnr_db: float | None = None
+    skipped: str | None = None
+
+
+@dataclass
+class Report:
+    """Per-layer rows and totals of one `quantize_model` call.
+
+    ``bytes_before`` / ``bytes_after`` count every parameter and buffer of the model once (tied
+    tensors once); ``avg_bits_per_weight`` is over the quantized layers' weights only.
+    """
+
+    layers: list[LayerReport] = field(default_factory=list)
+    parameters: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    seconds: float = 0.0
+
+    @property
+    def quantized(self) -> list[LayerReport]:
+        return [row for row in self.layers if row.skipped is None]
+
+    @property
+    def skipped(self) -> list[LayerReport]:
+        return [row for row in self.layers if row.skipped is not None]
+
+    @property
+    def avg_bits_per_weight(self) -> float:
+        rows = self.quantized
+        weights = sum(_numel(r.shape) for r in rows)
+        if not weights:
+            return 0.0
+        return sum(r.bits_per_weight * _numel(r.shape) for r in rows) / weights
+
+    @property
+    def mean_rel_error(self) -> float:
+        rows = self.quantized
+        return sum(r.rel_error for r in rows) / len(rows) if rows else 0.0
+
+    def to_dict(self) -> dict:
+        """JSON-able dict with per-layer rows and totals."""
+        return {
+            "layers": [asdict(r) for r in self.layers],
+            "totals": {
+                "layers_quantized": len(self.quantized),
+                "layers_skipped": len(self.skipped),
+                "parameters": self.parameters,
+                "bytes_before": self.bytes_before,
+                "bytes_after": self.bytes_after,
+                "avg_bits_per_weight": self.avg_bits_per_weight,
+                "mean_rel_error": self.mean_rel_error,
+                "seconds": self.seconds,
+            },
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def table(self, max_rows: int | None = None) -> str:
+        """Per-layer table (worst relative error first when ``max_rows`` cuts it) + totals."""
+        rows = self.layers
+        note = ""
+        if max_rows is not None and len(rows) > max_rows:
+            ranked = sorted(self.quantized, key=lambda r: -(r.rel_error or 0.0))
+            rows = ranked[:max_rows]
+            note = f"  ({max_rows} of {len(self.layers)} layers shown: largest error first)\n"
+        width = max([len("layer")] + [len(r.name) for r in rows])
+        head = f"{'layer':<{width}}  {'shape':>11}  {'spec':<16} {'bits/w':>6}  {'rel.err':>8}  {'SQNR dB':>7}"
+        lines = [head, "-" * len(head)]
+        for r in rows:
+            shape = "x".join(str(d) for d in r.shape)
+            if r.skipped is not None:
+                lines.append(f"{r.name:<{width}}  {shape:>11}  {'kept: ' + r.skipped:<16} {r.bits_per_weight:>6.2f}")
+                continue
+            lines.append(
+                f"{r.name:<{width}}  {shape:>11}  {r.spec:<16} {r.bits_per_weight:>6.3f}  "
+                f"{r.rel_error:>8.5f}  {r.sqnr_db:>7.2f}"
+            )
+        return "\n".join(lines) + "\n" + note + self.summary()
+
+    def summary(self) -> str:
+        """The totals in a few lines."""
+        ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+        skipped = ", ".join(f"{r.name} ({r.skipped})" for r in self.skipped[:4])
+        if len(self.skipped) > 4:
+            skipped += f", ... {len(self.skipped) - 4} more"
+        return (
+            f"quantized {len(self.quantized)} layers, kept {len(self.skipped)} in full precision"
+            + (f": {skipped}" if skipped else "")
+            + f"\nparameters {self.parameters / 1e6:.1f}M | model "
+            f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB ({ratio:.2f}x smaller)"
+            f" | quantized layers {self.avg_bits_per_weight:.3f} bits/weight, "
+            f"mean rel. error {self.mean_rel_error:.4f} | {self.seconds:.1f} s"
+        )
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

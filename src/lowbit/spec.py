@@ -1,0 +1,108 @@
+"""What to do to a weight: the frozen, versioned, validated `QuantSpec`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+SPEC_VERSION = 1
+
+GRANULARITIES = ("tensor", "channel", "group")
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one weight tensor is quantized.
+
+    A weight ``w`` of shape ``[out, in]`` is cut into blocks (the whole tensor, one output row,
+    or ``group_size`` consecutive inputs of one row). Each block gets a ``scale`` (and, unless
+    ``symmetric``, an integer ``zero`` point) chosen by ``fit``; each weight becomes a ``bits``-bit
+    code ``q`` on ``grid`` and is restored as ``(grid_value(q) - zero) * scale``.
+
+    Args:
+        bits: code width. The ``"int"`` grid takes 2..8.
+        group_size: inputs per block. Setting it implies ``granularity="group"``; it must divide
+            the row length of every tensor it is applied to.
+        granularity: ``"tensor"`` (one scale), ``"channel"`` (one per output row, the default
+            without ``group_size``) or ``"group"``.
+        symmetric: ``True`` stores only a scale (zero fixed at the grid's centre, absmax fit);
+            ``False`` stores an integer zero point per block too (min/max fit).
+        grid: name of a registered grid (``lowbit.grids.available_grids()``).
+        fit: name of a registered scale search; ``None`` means ``"absmax"`` for symmetric specs
+            and ``"minmax"`` otherwise.
+        scale_dtype: storage type of the scales: ``"float16"`` (default, as HQQ and llama.cpp),
+            ``"bfloat16"`` or ``"float32"``.
+    """
+
+    bits: int = 8
+    group_size: int | None = None
+    granularity: str | None = None
+    symmetric: bool = False
+    grid: str = "int"
+    fit: str | None = None
+    scale_dtype: str = "float16"
+    version: int = SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise TypeError(f"QuantSpec.bits must be an int, got {self.bits!r}")
+        if not 1 <= self.bits <= 8:
+            raise ValueError(f"QuantSpec.bits must be in 1..8, got {self.bits}")
+        if self.group_size is not None:
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
+                raise TypeError(f"QuantSpec.group_size must be an int or None, got {self.group_size!r}")
+            if self.group_size < 1:
+                raise ValueError(f"QuantSpec.group_size must be >= 1, got {self.group_size}")
+        granularity = self.granularity
+        if granularity is None:
+            granularity = "channel" if self.group_size is None else "group"
+            object.__setattr__(self, "granularity", granularity)
+        if granularity not in GRANULARITIES:
+            raise ValueError(
+                f"QuantSpec.granularity must be one of {GRANULARITIES}, got {granularity!r}"
+            )
+        if granularity == "group" and self.group_size is None:
+            raise ValueError("QuantSpec.group_size is required when granularity='group'")
+        if granularity != "group" and self.group_size is not None:
+            raise ValueError(
+                f"QuantSpec.group_size={self.group_size} conflicts with granularity={granularity!r}"
+            )
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"QuantSpec.symmetric must be a bool, got {self.symmetric!r}")
+        if not isinstance(self.grid, str) or not self.grid:
+            raise TypeError(f"QuantSpec.grid must be a grid name, got {self.grid!r}")
+        if self.fit is None:
+            object.__setattr__(self, "fit", "absmax" if self.symmetric else "minmax")
+        elif not isinstance(self.fit, str):
+            raise TypeError(f"QuantSpec.fit must be a fit name, got {self.fit!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(
+                f"QuantSpec.scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}"
+            )
+        if self.version != SPEC_VERSION:
+            raise ValueError(
+                f"QuantSpec.version {self.version} is not supported (this lowbit reads {SPEC_VERSION})"
+            )
+
+    @property
+    def label(self) -> str:
+        """Short human name, e.g. ``int4 g64 asym`` or ``int8 channel sym``."""
+        layout = f"g{self.group_size}" if self.granularity == "group" else self.granularity
+        kind = "sym" if self.symmetric else "asym"
+        extra = "" if self.fit in ("absmax", "minmax") else f" {self.fit}"
+        return f"{self.grid}{self.bits} {layout} {kind}{extra}"
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict; ``QuantSpec.from_dict`` inverts it exactly."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantSpec:
+        """Rebuild a spec from ``to_dict`` output; unknown keys are an error, not ignored."""
+        if not isinstance(data, dict):
+            raise TypeError(f"QuantSpec.from_dict expects a dict, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"QuantSpec.from_dict: unknown keys {sorted(unknown)}")
+        return cls(**data)

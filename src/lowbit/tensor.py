@@ -1,0 +1,201 @@
+"""`QuantizedTensor`: packed codes + scales + zero points + spec + shape; restores itself."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.grids import get_grid
+from lowbit.packing import packed_row_bytes, unpack
+from lowbit.spec import QuantSpec
+
+FLOAT_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How a tensor of ``shape`` is cut into blocks under ``spec``.
+
+    The tensor is viewed as a matrix ``[rows, cols]`` (``rows = shape[0]``, ``cols`` = the
+    product of the other dims; a 1-D tensor is one row, a scalar is ``[1, 1]``). Each row holds
+    ``groups`` blocks of ``group_len`` values; scales are ``[scale_rows, groups]`` where
+    ``scale_rows`` is 1 for a per-tensor spec.
+    """
+
+    rows: int
+    cols: int
+    scale_rows: int
+    groups: int
+    group_len: int
+
+    @classmethod
+    def of(cls, shape: tuple[int, ...], spec: QuantSpec) -> BlockLayout:
+        shape = tuple(shape)
+        if len(shape) == 0:
+            rows, cols = 1, 1
+        elif len(shape) == 1:
+            rows, cols = 1, shape[0]
+        else:
+            rows, cols = shape[0], math.prod(shape[1:])
+        if spec.granularity == "tensor":
+            return cls(rows, cols, 1, 1, cols)
+        if spec.granularity == "channel":
+            return cls(rows, cols, rows, 1, cols)
+        if cols % spec.group_size:
+            raise ValueError(
+                f"group_size {spec.group_size} does not divide the row length {cols} "
+                f"of a tensor of shape {list(shape)}"
+            )
+        groups = cols // spec.group_size
+        return cls(rows, cols, rows, groups, spec.group_size)
+
+    def expected_shapes(self, spec: QuantSpec) -> dict[str, tuple[int, ...]]:
+        """Shapes of the stored tensors: ``packed``, ``scale`` and (asymmetric) ``zero``."""
+        shapes = {
+            "packed": (self.rows, packed_row_bytes(self.cols, spec.bits)),
+            "scale": (self.scale_rows, self.groups),
+        }
+        if not spec.symmetric:
+            shapes["zero"] = (self.scale_rows, packed_row_bytes(self.groups, spec.bits))
+        return shapes
+
+
+@dataclass
+class QuantizedTensor:
+    """A quantized tensor that needs nothing else to restore itself.
+
+    Attributes:
+        packed: uint8 ``[rows, ceil(cols*bits/8)]``, codes bit-packed row by row (see `packing`).
+        scale: ``[scale_rows, groups]`` in ``spec.scale_dtype``.
+        zero: uint8 ``[scale_rows, ceil(groups*bits/8)]``, packed integer zero points, or ``None``
+            for symmetric specs.
+        spec: the `QuantSpec` it was made with.
+        shape: shape of the original tensor.
+        dtype: dtype of the original tensor (``dequantize`` returns it).
+    """
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    spec: QuantSpec
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @property
+    def layout(self) -> BlockLayout:
+        return BlockLayout.of(self.shape, self.spec)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def numel(self) -> int:
+        """Number of weights represented."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: packed codes + scales + packed zero points."""
+        total = self.packed.numel() + self.scale.numel() * self.scale.element_size()
+        if self.zero is not None:
+            total += self.zero.numel()
+        return total
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight, everything counted (0.0 for an empty tensor)."""
+        n = self.numel()
+        return 8.0 * self.nbytes / n if n else 0.0
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes, uint8 ``[rows, cols]``."""
+        return unpack(self.packed, self.spec.bits, self.layout.cols)
+
+    def zero_points(self) -> torch.Tensor:
+        """Zero points as float32 ``[scale_rows, groups]`` (the grid centre when symmetric)."""
+        lay = self.layout
+        if self.zero is None:
+            center = get_grid(self.spec.grid).center(self.spec.bits)
+            return torch.full((lay.scale_rows, lay.groups), center, device=self.device)
+        return unpack(self.zero, self.spec.bits, lay.groups).to(torch.float32)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Restore the tensor: ``(grid_value(q) - zero) * scale``, shape ``shape``.
+
+        Args:
+            dtype: output dtype; defaults to the original tensor's dtype.
+        """
+        lay = self.layout
+        out_dtype = dtype or self.dtype
+        if self.numel() == 0:
+            return torch.zeros(self.shape, dtype=out_dtype, device=self.device)
+        grid = get_grid(self.spec.grid)
+        values = grid.decode(self.codes(), self.spec.bits).view(lay.rows, lay.groups, lay.group_len)
+        zero = self.zero_points().unsqueeze(-1)
+        scale = self.scale.to(torch.float32).unsqueeze(-1)
+        values.sub_(zero).mul_(scale)
+        return values.view(self.shape).to(out_dtype)
+
+    def to(self, device: torch.device | str) -> QuantizedTensor:
+        """A copy on ``device`` (codes and scales unchanged)."""
+        return QuantizedTensor(
+            self.packed.to(device),
+            self.scale.to(device),
+            None if self.zero is None else self.zero.to(device),
+            self.spec,
+            self.shape,
+            self.dtype,
+        )
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by name (``packed``, ``scale``, and ``zero`` if asymmetric)."""
+        tensors = {"packed": self.packed, "scale": self.scale}
+        if self.zero is not None:
+            tensors["zero"] = self.zero
+        return tensors
+
+    def metadata(self) -> dict:
+        """JSON-able description: spec, shape and dtype (everything but the tensors)."""
+        return {
+            "spec": self.spec.to_dict(),
+            "shape": list(self.shape),
+            "dtype": DTYPE_NAMES[self.dtype],
+        }
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], metadata: dict) -> QuantizedTensor:
+        """Rebuild from ``state_tensors()`` and ``metadata()``, checking every shape and dtype."""
+        spec = QuantSpec.from_dict(metadata["spec"])
+        shape = torch.Size(metadata["shape"])
+        dtype_name = metadata["dtype"]
+        if dtype_name not in FLOAT_DTYPES:
+            raise ValueError(f"unsupported dtype {dtype_name!r} in quantized tensor metadata")
+        expected = BlockLayout.of(shape, spec).expected_shapes(spec)
+        for name, want in expected.items():
+            if name not in tensors:
+                raise ValueError(f"quantized tensor is missing its {name!r} tensor")
+            got = tuple(tensors[name].shape)
+            if got != want:
+                raise ValueError(f"tensor {name!r} has shape {list(got)}, expected {list(want)}")
+        for name in ("packed", "zero"):
+            if name in expected and tensors[name].dtype != torch.uint8:
+                raise ValueError(f"tensor {name!r} must be uint8, got {tensors[name].dtype}")
+        if tensors["scale"].dtype != FLOAT_DTYPES[spec.scale_dtype]:
+            raise ValueError(
+                f"tensor 'scale' has dtype {tensors['scale'].dtype}, spec says {spec.scale_dtype}"
+            )
+        return cls(
+            tensors["packed"],
+            tensors["scale"],
+            tensors.get("zero") if not spec.symmetric else None,
+            spec,
+            shape,
+            FLOAT_DTYPES[dtype_name],
+        )

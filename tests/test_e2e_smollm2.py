@@ -17,8 +17,9 @@ def test_smollm2_int4_g64_and_int8_round_trip(smollm2_path, tmp_path):
     fp = perplexity(model, tokens).perplexity
     assert 5 < fp < 200
 
-    report = lowbit.quantize_model(model, lowbit.QuantSpec(bits=4, group_size=64), exclude=["lm_head"],
-                                   progress=False)
+    report = lowbit.quantize_model(
+        model, lowbit.QuantSpec(bits=4, group_size=64), exclude=["lm_head"], progress=False
+    )
     assert len(report.quantized) == 210 and [r.name for r in report.skipped] == ["lm_head"]
     assert 4.25 < report.avg_bits_per_weight < 4.4
     assert report.bytes_after < 0.35 * report.bytes_before

@@ -17,27 +17,48 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model's Linear layers, print the report, save")
-    q.add_argument("--model", default=None,
-                   help="local Hugging Face model directory (default: SmolLM2-135M-Instruct)")
+    q.add_argument(
+        "--model",
+        default=None,
+        help="local Hugging Face model directory (default: SmolLM2-135M-Instruct)",
+    )
     q.add_argument("--bits", type=int, default=4, help="bits per weight code, 2..8 (default 4)")
-    q.add_argument("--group-size", type=int, default=None,
-                   help="weights per scale along the input dim (default: one scale per output channel)")
-    q.add_argument("--granularity", choices=GRANULARITIES, default=None,
-                   help="tensor, channel or group (implied by --group-size)")
+    q.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="weights per scale along the input dim (default: one scale per output channel)",
+    )
+    q.add_argument(
+        "--granularity",
+        choices=GRANULARITIES,
+        default=None,
+        help="tensor, channel or group (implied by --group-size)",
+    )
     q.add_argument("--symmetric", action="store_true", help="scale only, no zero point")
     q.add_argument("--scale-dtype", choices=SCALE_DTYPES, default="float16")
-    q.add_argument("--exclude", nargs="*", default=None, metavar="PATTERN",
-                   help="layer name globs (or re:REGEX) kept in full precision (default: lm_head; "
-                        "give --exclude with no pattern to quantize every layer)")
+    q.add_argument(
+        "--exclude",
+        nargs="*",
+        default=None,
+        metavar="PATTERN",
+        help="layer name globs (or re:REGEX) kept in full precision (default: lm_head; "
+        "give --exclude with no pattern to quantize every layer)",
+    )
     q.add_argument("--out", default=None, help="directory to save the quantized model to")
     q.add_argument("--table", action="store_true", help="print every layer, not only the worst")
     q.add_argument("--json", default=None, help="write the report as JSON to this file")
 
     e = sub.add_parser("eval", help="WikiText-2 perplexity and size: full precision vs quantized")
     e.add_argument("quantized", nargs="*", help="directories written by 'lowbit quantize --out'")
-    e.add_argument("--model", default=None,
-                   help="full-precision baseline (default: the model the first directory came from)")
-    e.add_argument("--windows", type=int, default=16, help="number of evaluation windows (default 16)")
+    e.add_argument(
+        "--model",
+        default=None,
+        help="full-precision baseline (default: the model the first directory came from)",
+    )
+    e.add_argument(
+        "--windows", type=int, default=16, help="number of evaluation windows (default 16)"
+    )
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument("--json", default=None, help="write the results as JSON to this file")
     return parser
@@ -59,19 +80,31 @@ def cmd_quantize(args) -> int:
     from lowbit.model import quantize_model
     from lowbit.models import resolve_model
 
-    spec = QuantSpec(bits=args.bits, group_size=args.group_size, granularity=args.granularity,
-                     symmetric=args.symmetric, scale_dtype=args.scale_dtype)
+    spec = QuantSpec(
+        bits=args.bits,
+        group_size=args.group_size,
+        granularity=args.granularity,
+        symmetric=args.symmetric,
+        scale_dtype=args.scale_dtype,
+    )
     exclude = DEFAULT_EXCLUDE if args.exclude is None else args.exclude
     source = resolve_model(args.model)
-    print(f"model: {source}\nspec: {spec.label} (scales {spec.scale_dtype}); kept float: {exclude or 'none'}")
+    print(
+        f"model: {source}\nspec: {spec.label} (scales {spec.scale_dtype}); "
+        f"kept float: {exclude or 'none'}"
+    )
     model, tokenizer = load_pretrained(source)
     report = quantize_model(model, spec, exclude=exclude)
     print(report.table(None if args.table else 8))
     if args.json:
         Path(args.json).write_text(report.to_json())
     if args.out:
-        metadata = {"source_model": str(source), "spec": spec.to_dict(), "exclude": exclude,
-                    "report": report.to_dict()["totals"]}
+        metadata = {
+            "source_model": str(source),
+            "spec": spec.to_dict(),
+            "exclude": exclude,
+            "report": report.to_dict()["totals"],
+        }
         save_quantized(model, tokenizer, args.out, metadata)
         print(f"saved to {args.out}")
     return 0
@@ -93,21 +126,38 @@ def cmd_eval(args) -> int:
     if not is_causal_lm(model.config):
         raise ValueError(f"{source}: perplexity needs a causal language model")
     tokens = eval_tokens(tokenizer, args.seq_len, args.windows)
-    print(f"WikiText-2 test, first {tokens.numel()} tokens: {args.windows} windows x {args.seq_len}")
+    print(
+        f"WikiText-2 test, first {tokens.numel()} tokens: {args.windows} windows x {args.seq_len}"
+    )
     rows = []
     base_bytes = model_bytes(model)
     fp = perplexity(model, tokens)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    rows.append({"model": f"{dtype} {source.name}", "bits_per_weight": None, "bytes": base_bytes,
-                 "perplexity": fp.perplexity, "quantize_s": None, "eval_s": fp.seconds})
+    rows.append(
+        {
+            "model": f"{dtype} {source.name}",
+            "bits_per_weight": None,
+            "bytes": base_bytes,
+            "perplexity": fp.perplexity,
+            "quantize_s": None,
+            "eval_s": fp.seconds,
+        }
+    )
     del model
-    for directory, manifest in zip(args.quantized, manifests):
+    for directory, manifest in zip(args.quantized, manifests, strict=True):
         qmodel, _ = load_quantized(directory)
         totals = manifest.get("metadata", {}).get("report", {})
         result = perplexity(qmodel, tokens)
-        rows.append({"model": directory, "bits_per_weight": totals.get("avg_bits_per_weight"),
-                     "bytes": model_bytes(qmodel), "perplexity": result.perplexity,
-                     "quantize_s": totals.get("seconds"), "eval_s": result.seconds})
+        rows.append(
+            {
+                "model": directory,
+                "bits_per_weight": totals.get("avg_bits_per_weight"),
+                "bytes": model_bytes(qmodel),
+                "perplexity": result.perplexity,
+                "quantize_s": totals.get("seconds"),
+                "eval_s": result.seconds,
+            }
+        )
         del qmodel
     print(format_eval_table(rows))
     if args.json:
@@ -119,8 +169,10 @@ def format_eval_table(rows: list[dict]) -> str:
     """The comparison table: one row per model, perplexity change against the first row."""
     base = rows[0]
     width = max(len("model"), *(len(r["model"]) for r in rows))
-    head = (f"{'model':<{width}}  {'bits/w':>6}  {'size MiB':>8}  {'vs fp':>6}  "
-            f"{'ppl':>8}  {'Δppl':>7}  {'quant s':>7}  {'eval s':>6}")
+    head = (
+        f"{'model':<{width}}  {'bits/w':>6}  {'size MiB':>8}  {'vs fp':>6}  "
+        f"{'ppl':>8}  {'Δppl':>7}  {'quant s':>7}  {'eval s':>6}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         bits = "-" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.3f}"
@@ -131,11 +183,11 @@ def format_eval_table(rows: list[dict]) -> str:
             f"{base['bytes'] / r['bytes']:>5.2f}x  {r['perplexity']:>8.3f}  {delta:>7}  "
             f"{qs:>7}  {r['eval_s']:>6.1f}"
         )
-    lines.append("bits/w: stored bits per weight of the quantized Linear layers (codes, scales, "
-                 "zero points); size: every tensor of the model, tied ones once.")
+    lines.append(
+        "bits/w: stored bits per weight of the quantized Linear layers (codes, scales, "
+        "zero points); size: every tensor of the model, tied ones once."
+    )
     return "\n".join(lines)
-
-
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ def wikitext2_test_text() -> str:
     return "\n\n".join(lines)
 
 
-def eval_tokens(tokenizer, seq_len: int = DEFAULT_SEQ_LEN, windows: int = DEFAULT_WINDOWS) -> torch.Tensor:
+def eval_tokens(
+    tokenizer, seq_len: int = DEFAULT_SEQ_LEN, windows: int = DEFAULT_WINDOWS
+) -> torch.Tensor:
     """The fixed evaluation slice: the first ``windows * seq_len`` tokens of the test split.
 
     Returns int64 ``[windows, seq_len]``: non-overlapping windows, the same every run (no

@@ -80,7 +80,9 @@ def quantize_model(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(rules, (QuantSpec, Mapping)):
-        raise TypeError(f"rules must be a QuantSpec or a dict of pattern -> spec, got {type(rules).__name__}")
+        raise TypeError(
+            f"rules must be a QuantSpec or a dict of pattern -> spec, got {type(rules).__name__}"
+        )
     if isinstance(rules, Mapping):
         for pattern, spec in rules.items():
             if not isinstance(pattern, str) or not (spec is None or isinstance(spec, QuantSpec)):
@@ -89,7 +91,9 @@ def quantize_model(
         exclude = [exclude]
     exclude = list(exclude)
     start = time.perf_counter()
-    report = Report(parameters=sum(p.numel() for p in model.parameters()), bytes_before=model_bytes(model))
+    report = Report(
+        parameters=sum(p.numel() for p in model.parameters()), bytes_before=model_bytes(model)
+    )
 
     plan: list[tuple[str, nn.Linear, QuantSpec]] = []
     for name, module in model.named_modules():
@@ -97,11 +101,15 @@ def quantize_model(
             continue
         shape = tuple(module.weight.shape)
         if any(match_pattern(p, name) for p in exclude):
-            report.layers.append(LayerReport(name, shape, None, _float_bits(module), skipped="excluded"))
+            report.layers.append(
+                LayerReport(name, shape, None, _float_bits(module), skipped="excluded")
+            )
             continue
         spec, reason = resolve_spec(name, rules)
         if spec is None:
-            report.layers.append(LayerReport(name, shape, None, _float_bits(module), skipped=reason))
+            report.layers.append(
+                LayerReport(name, shape, None, _float_bits(module), skipped=reason)
+            )
             continue
         if spec.granularity == "group" and module.in_features % spec.group_size:
             raise ValueError(
@@ -116,8 +124,14 @@ def quantize_model(
         layer = QuantLinear.from_linear(module, spec, name=f"layer {name!r}", **layer_kwargs)
         rel, sqnr = weight_error(module.weight.detach(), layer.dequantize_weight(torch.float32))
         report.layers.append(
-            LayerReport(name, tuple(module.weight.shape), spec.label,
-                        layer.quantized_weight.bits_per_weight, rel, sqnr)
+            LayerReport(
+                name,
+                tuple(module.weight.shape),
+                spec.label,
+                layer.quantized_weight.bits_per_weight,
+                rel,
+                sqnr,
+            )
         )
         replacements.append((name, layer))
     for name, layer in replacements:
@@ -135,7 +149,9 @@ def weight_error(weight: torch.Tensor, restored: torch.Tensor) -> tuple[float, f
     err = (w - restored.to(torch.float32)).norm().item()
     ref = w.norm().item()
     if ref == 0.0:
-        return (0.0 if err == 0.0 else float("inf")), (float("inf") if err == 0.0 else float("-inf"))
+        return (0.0 if err == 0.0 else float("inf")), (
+            float("inf") if err == 0.0 else float("-inf")
+        )
     if err == 0.0:
         return 0.0, float("inf")
     rel = err / ref

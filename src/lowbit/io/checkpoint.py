@@ -145,21 +145,27 @@ def load(directory: str | os.PathLike, model: nn.Module, *, verify: bool = True)
     if not tensors_path.is_file():
         raise FileNotFoundError(f"tensors file {str(tensors_path)!r} is missing")
     if verify and _sha256(tensors_path) != manifest["sha256"]:
-        raise ValueError(f"{str(tensors_path)!r} is corrupted: its sha256 does not match the manifest")
+        raise ValueError(
+            f"{str(tensors_path)!r} is corrupted: its sha256 does not match the manifest"
+        )
     try:
         state = load_file(str(tensors_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"cannot read {str(tensors_path)!r}: {err}") from None
     for alias, source in manifest["aliases"].items():
         if source not in state:
-            raise ValueError(f"{str(tensors_path)!r}: alias {alias!r} points to missing tensor {source!r}")
+            raise ValueError(
+                f"{str(tensors_path)!r}: alias {alias!r} points to missing tensor {source!r}"
+            )
         state[alias] = state[source]
 
     for name, info in manifest["layers"].items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"layer {name!r} of {str(directory)!r} does not exist in the model") from None
+            raise ValueError(
+                f"layer {name!r} of {str(directory)!r} does not exist in the model"
+            ) from None
         if not isinstance(module, (nn.Linear, QuantLinear)):
             raise ValueError(f"layer {name!r} is a {type(module).__name__}, expected nn.Linear")
         if (module.in_features, module.out_features) != (info["in_features"], info["out_features"]):
@@ -168,8 +174,12 @@ def load(directory: str | os.PathLike, model: nn.Module, *, verify: bool = True)
                 f"does not match the model's [{module.out_features}, {module.in_features}]"
             )
         layer = QuantLinear(
-            info["in_features"], info["out_features"], info["bias"], QuantSpec.from_dict(info["spec"]),
-            dtype=FLOAT_DTYPES[info["dtype"]], device="meta",
+            info["in_features"],
+            info["out_features"],
+            info["bias"],
+            QuantSpec.from_dict(info["spec"]),
+            dtype=FLOAT_DTYPES[info["dtype"]],
+            device="meta",
         )
         set_submodule(model, name, layer)
     try:
@@ -178,7 +188,8 @@ def load(directory: str | os.PathLike, model: nn.Module, *, verify: bool = True)
         raise ValueError(f"{str(tensors_path)!r} does not fit the model: {err}") from None
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
-            f"{str(tensors_path)!r} does not fit the model: missing tensors {result.missing_keys[:5]}, "
+            f"{str(tensors_path)!r} does not fit the model: "
+            f"missing tensors {result.missing_keys[:5]}, "
             f"unexpected tensors {result.unexpected_keys[:5]}"
         )
     return model
@@ -190,8 +201,12 @@ def _dedup_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-               tensor.dtype)
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.dtype,
+        )
         if tensor.numel() and key in seen:
             aliases[name] = seen[key]
             continue

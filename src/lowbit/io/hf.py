@@ -36,7 +36,9 @@ def load_pretrained(path: str | os.PathLike, dtype="auto"):
     return model, tokenizer
 
 
-def save_quantized(model: nn.Module, tokenizer, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
+def save_quantized(
+    model: nn.Module, tokenizer, directory: str | os.PathLike, metadata: dict | None = None
+) -> Path:
     """`save` plus the model's ``config.json`` and the tokenizer, so the directory stands alone."""
 
     def write_extra(tmp: Path) -> None:

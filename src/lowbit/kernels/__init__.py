@@ -1,6 +1,12 @@
 """Matmul kernels for quantized weights, chosen by a small registry."""
 
 from lowbit.kernels import torch_cpu as _torch_cpu  # noqa: F401  (registers the CPU kernels)
-from lowbit.kernels.registry import Kernel, available_kernels, get_kernel, register_kernel, select_kernel
+from lowbit.kernels.registry import (
+    Kernel,
+    available_kernels,
+    get_kernel,
+    register_kernel,
+    select_kernel,
+)
 
 __all__ = ["Kernel", "available_kernels", "get_kernel", "register_kernel", "select_kernel"]

@@ -33,7 +33,8 @@ def _supports_int4(qt: QuantizedTensor, device: torch.device) -> bool:
 
 
 def _prepare_int4(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-    # The kernel restores (q - 8) * scale + zero_k; ours is (q - z) * scale, so zero_k = (8 - z) * s.
+    # The kernel restores (q - 8) * scale + zero_k; ours is (q - z) * scale,
+    # so zero_k = (8 - z) * scale.
     lay = qt.layout
     codes = qt.codes().to(torch.int32)
     weight = torch._convert_weight_to_int4pack_for_cpu(codes, 1)

@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_quantize(args) -> int:
+    from lowbit.grids import get_grid
     from lowbit.io.hf import load_pretrained, save_quantized
     from lowbit.model import quantize_model
     from lowbit.models import resolve_model
@@ -87,6 +88,7 @@ def cmd_quantize(args) -> int:
         symmetric=args.symmetric,
         scale_dtype=args.scale_dtype,
     )
+    get_grid(spec.grid).check_bits(spec.bits)  # fail before loading a model
     exclude = DEFAULT_EXCLUDE if args.exclude is None else args.exclude
     source = resolve_model(args.model)
     print(

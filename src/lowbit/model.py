@@ -134,8 +134,14 @@ def quantize_model(
             )
         )
         replacements.append((name, layer))
+    # A module registered under several names (reused) is replaced under all of them.
+    paths: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(path)
+    originals = {name: module for name, module, _ in plan}
     for name, layer in replacements:
-        set_submodule(model, name, layer)
+        for path in paths[id(originals[name])]:
+            set_submodule(model, path, layer)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report.layers.sort(key=lambda r: order.get(r.name, len(order)))
     report.bytes_after = model_bytes(model)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.grids import get_grid
 from lowbit.kernels import Kernel, get_kernel, select_kernel
 from lowbit.quantize import quantize
 from lowbit.spec import QuantSpec
@@ -50,6 +51,7 @@ class QuantLinear(nn.Module):
             raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
         if dtype not in FLOAT_DTYPES.values():
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        get_grid(spec.grid).check_bits(spec.bits)
         if kernel not in ("auto", "dequantize"):
             get_kernel(kernel)
         self.in_features = in_features
@@ -83,7 +85,11 @@ class QuantLinear(nn.Module):
         """Quantize ``linear.weight`` with ``spec``; the bias is kept as is."""
         qt = quantize(linear.weight.detach(), spec, name=name)
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls.from_quantized(qt, bias, **kwargs)
+        layer = cls.from_quantized(qt, bias, **kwargs)
+        if linear.bias is not None:
+            # As trainable as before (and as a freshly built or loaded QuantLinear).
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        return layer
 
     @classmethod
     def from_quantized(
@@ -140,6 +146,8 @@ class QuantLinear(nn.Module):
         return kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            raise TypeError(f"QuantLinear expects floating-point inputs, got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"QuantLinear expects inputs with last dim {self.in_features}, got {list(x.shape)}"
@@ -168,6 +176,12 @@ class QuantLinear(nn.Module):
         if self.cache_dequantized:
             self._dequantized = weight
         return weight
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # Loading overwrites the buffers in place: derived kernel layouts would go stale.
+        self._prepared = None
+        self._dequantized = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         # Scales keep their stored dtype under model.half()/.to(dtype): a cast would change

@@ -35,7 +35,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return codes.contiguous()
     if codes.numel() == 0:
         return codes.new_zeros(*lead, out_bytes)
-    flat = codes.reshape(-1, n)
+    # Row-major working copy: the views below assume it (transposed/sliced codes crashed).
+    flat = codes.reshape(-1, n).contiguous()
     rows = flat.shape[0]
     if 8 % bits == 0:
         per_byte = 8 // bits
@@ -77,7 +78,7 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         return packed.contiguous()
     if packed.numel() == 0 or n == 0:
         return packed.new_zeros(*lead, n)
-    flat = packed.reshape(-1, nbytes)
+    flat = packed.reshape(-1, nbytes).contiguous()
     rows = flat.shape[0]
     mask = (1 << bits) - 1
     if 8 % bits == 0:

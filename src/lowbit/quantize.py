@@ -39,7 +39,10 @@ def quantize(tensor: torch.Tensor, spec: QuantSpec, *, name: str = "tensor") -> 
     if tensor.dtype not in FLOAT_DTYPES.values():
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}")
     grid = get_grid(spec.grid)
-    grid.check_bits(spec.bits)
+    try:
+        grid.check_bits(spec.bits)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
     fit = get_fit(spec.fit)
     try:
         layout = BlockLayout.of(tensor.shape, spec)
@@ -54,7 +57,9 @@ def quantize(tensor: torch.Tensor, spec: QuantSpec, *, name: str = "tensor") -> 
     zero_codes = torch.zeros(shapes["scale"], dtype=torch.uint8, device=device)
     if matrix.numel():
         if spec.granularity == "tensor":
-            scale[:], zero = _fit_blocks(matrix.reshape(1, -1), grid, fit, spec, scale_dtype, name)
+            # Fits work on float32 blocks: fp16 ranges overflow and bf16 scales are too coarse.
+            blocks = matrix.reshape(1, -1).to(torch.float32)
+            scale[:], zero = _fit_blocks(blocks, grid, fit, spec, scale_dtype, name)
             zero_codes[:] = zero
             for r0, r1 in _row_chunks(layout):
                 packed[r0:r1] = _encode_rows(matrix[r0:r1], scale, zero_codes, layout, grid, spec)
@@ -81,10 +86,20 @@ def _row_chunks(layout: BlockLayout):
 
 def _fit_blocks(blocks, grid, fit, spec, scale_dtype, name):
     """Run the fit on float32 ``blocks [B, n]`` -> (stored scale [B], zero codes uint8 [B])."""
+    # Checked on the data itself: a fit may map NaN to a finite scale (NaN > 0 is False).
+    if not torch.isfinite(blocks).all():
+        raise ValueError(f"{name} contains NaN or Inf; clean the weights before quantizing")
     scale, zero = fit(blocks, grid, spec)
     if not (torch.isfinite(scale).all() and (zero is None or torch.isfinite(zero).all())):
         raise ValueError(f"{name} contains NaN or Inf; clean the weights before quantizing")
     stored = scale.to(scale_dtype)
+    # Never store a scale smaller than the fit's: the block's range would no longer fit on the
+    # grid and its extremes would be clipped by more than half a step. Bump those to the next
+    # representable value (positive floats order like their bit patterns).
+    low = stored.to(torch.float32) < scale
+    if scale_dtype != torch.float32 and low.any():
+        bumped = (stored.view(torch.int16) + 1).view(scale_dtype)
+        stored = torch.where(low, bumped, stored)
     if not torch.isfinite(stored).all():
         raise ValueError(f"{name}: scales overflow {spec.scale_dtype}; use scale_dtype='float32'")
     # A scale that underflows to 0 in float16 would make every code meaningless.

@@ -177,6 +177,7 @@ class QuantizedTensor:
         dtype_name = metadata["dtype"]
         if dtype_name not in FLOAT_DTYPES:
             raise ValueError(f"unsupported dtype {dtype_name!r} in quantized tensor metadata")
+        get_grid(spec.grid).check_bits(spec.bits)
         expected = BlockLayout.of(shape, spec).expected_shapes(spec)
         for name, want in expected.items():
             if name not in tensors:
@@ -191,6 +192,8 @@ class QuantizedTensor:
             raise ValueError(
                 f"tensor 'scale' has dtype {tensors['scale'].dtype}, spec says {spec.scale_dtype}"
             )
+        if not torch.isfinite(tensors["scale"]).all():
+            raise ValueError("tensor 'scale' contains NaN or Inf")
         return cls(
             tensors["packed"],
             tensors["scale"],

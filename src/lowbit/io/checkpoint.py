@@ -12,6 +12,7 @@ save leaves nothing behind. Loading reads JSON and safetensors only: nothing is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -63,7 +64,6 @@ def save(
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
     if target.exists() and not target.is_dir():
         raise ValueError(f"directory {str(target)!r} exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
     state, aliases = _dedup_state(model.state_dict())
     layers = {
         name: {
@@ -76,8 +76,10 @@ def save(
         for name, module in model.named_modules()
         if isinstance(module, QuantLinear)
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    created = _make_parents(target.parent)
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         tensors_path = tmp / TENSORS
         save_file(state, str(tensors_path), metadata={"format": FORMAT_NAME})
         manifest = {
@@ -94,7 +96,11 @@ def save(
             write_extra(tmp)
         _replace_dir(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     return target
 
@@ -159,6 +165,7 @@ def load(directory: str | os.PathLike, model: nn.Module, *, verify: bool = True)
             )
         state[alias] = state[source]
 
+    new_layers: dict[str, QuantLinear] = {}
     for name, info in manifest["layers"].items():
         try:
             module = model.get_submodule(name)
@@ -173,7 +180,7 @@ def load(directory: str | os.PathLike, model: nn.Module, *, verify: bool = True)
                 f"layer {name!r}: saved shape [{info['out_features']}, {info['in_features']}] "
                 f"does not match the model's [{module.out_features}, {module.in_features}]"
             )
-        layer = QuantLinear(
+        new_layers[name] = QuantLinear(
             info["in_features"],
             info["out_features"],
             info["bias"],
@@ -181,6 +188,10 @@ def load(directory: str | os.PathLike, model: nn.Module, *, verify: bool = True)
             dtype=FLOAT_DTYPES[info["dtype"]],
             device="meta",
         )
+    # Check every tensor against the model as it will be before touching it, so a file that
+    # does not fit leaves the skeleton unchanged.
+    _check_fit(model, new_layers, state, tensors_path)
+    for name, layer in new_layers.items():
         set_submodule(model, name, layer)
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
@@ -192,7 +203,61 @@ def load(directory: str | os.PathLike, model: nn.Module, *, verify: bool = True)
             f"missing tensors {result.missing_keys[:5]}, "
             f"unexpected tensors {result.unexpected_keys[:5]}"
         )
+    for alias, source in manifest["aliases"].items():
+        _retie(model, alias, source)
+    left = [
+        name
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+        if tensor.is_meta
+    ]
+    if left:
+        raise ValueError(
+            f"tensors {left[:5]} are still on the meta device after loading {str(directory)!r}: "
+            "they are not saved (non-persistent buffers?); build the skeleton with "
+            "accelerate.init_empty_weights(include_buffers=False)"
+        )
     return model
+
+
+def _check_fit(model, new_layers, state, tensors_path) -> None:
+    """Raise ValueError naming the tensors of ``state`` that do not fit the model to be."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if key.rpartition(".")[0] not in new_layers:
+            expected[key] = tuple(tensor.shape)
+    for name, layer in new_layers.items():
+        for key, tensor in layer.state_dict(keep_vars=True).items():
+            expected[f"{name}.{key}"] = tuple(tensor.shape)
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    mismatched = [
+        f"{key} {list(state[key].shape)} vs model {list(expected[key])}"
+        for key in sorted(expected.keys() & state.keys())
+        if tuple(state[key].shape) != expected[key]
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{str(tensors_path)!r} does not fit the model: missing tensors {missing[:5]}, "
+            f"unexpected tensors {unexpected[:5]}, shape mismatches {mismatched[:5]}"
+        )
+
+
+def _retie(model: nn.Module, alias: str, source: str) -> None:
+    """Make ``alias`` the same Parameter (or buffer) object as ``source``, as when saved.
+
+    ``load_state_dict(assign=True)`` gives each name its own Parameter wrapping the shared
+    tensor; a later ``.to()`` / ``.half()`` would then untie them.
+    """
+    a_path, _, a_name = alias.rpartition(".")
+    s_path, _, s_name = source.rpartition(".")
+    try:
+        a_owner, s_owner = model.get_submodule(a_path), model.get_submodule(s_path)
+    except AttributeError:
+        return
+    if a_name in a_owner._parameters and s_owner._parameters.get(s_name) is not None:
+        a_owner._parameters[a_name] = s_owner._parameters[s_name]
+    elif a_name in a_owner._buffers and s_owner._buffers.get(s_name) is not None:
+        a_owner._buffers[a_name] = s_owner._buffers[s_name]
 
 
 def _dedup_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -200,19 +265,33 @@ def _dedup_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     kept: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
+    storages: set[int] = set()
     for name, tensor in state.items():
-        key = (
-            tensor.untyped_storage().data_ptr(),
-            tensor.storage_offset(),
-            tuple(tensor.shape),
-            tensor.dtype,
-        )
+        ptr = tensor.untyped_storage().data_ptr()
+        key = (ptr, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
         if tensor.numel() and key in seen:
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        kept[name] = tensor.detach().contiguous().cpu()
+        stored = tensor.detach().contiguous().cpu()
+        if tensor.numel() and ptr in storages and stored.untyped_storage().data_ptr() == ptr:
+            # A different view of a storage already kept (a slice, say): safetensors refuses
+            # tensors that share memory, so this one is written as a copy.
+            stored = stored.clone()
+        storages.add(ptr)
+        kept[name] = stored
     return kept, aliases
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and missing ancestors; return those created, deepest first."""
+    created = []
+    while not folder.exists():
+        created.append(folder)
+        folder = folder.parent
+    for path in reversed(created):
+        path.mkdir(exist_ok=True)
+    return created
 
 
 def _sha256(path: Path) -> str:

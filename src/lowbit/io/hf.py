@@ -43,6 +43,8 @@ def save_quantized(
 
     def write_extra(tmp: Path) -> None:
         model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 

@@ -1,6 +1,7 @@
 """Matmul kernels for quantized weights, chosen by a small registry."""
 
 from lowbit.kernels import torch_cpu as _torch_cpu  # noqa: F401  (registers the CPU kernels)
+from lowbit.kernels import torch_cuda as _torch_cuda  # noqa: F401  (registers the CUDA kernel)
 from lowbit.kernels.registry import (
     Kernel,
     available_kernels,

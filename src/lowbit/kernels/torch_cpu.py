@@ -33,31 +33,40 @@ def _supports_int4(qt: QuantizedTensor, device: torch.device) -> bool:
 
 
 def _prepare_int4(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-    # The kernel restores (q - 8) * scale + zero_k; ours is (q - z) * scale,
-    # so zero_k = (8 - z) * scale.
+    # The kernel restores (q' - 8) * scale + zero_k; ours is (q - z) * scale. Codes are moved
+    # so that the grid centre c sits at 8 (q' = q + 8 - c) and zero_k = (c - z) * scale: both
+    # terms then stay as small as the weight itself, so their bf16 rounding stays small too
+    # (with q' = q, 2- and 3-bit weights came out of two large cancelling terms, ~4% off).
     lay = qt.layout
-    codes = qt.codes().to(torch.int32)
+    center = 1 << (qt.spec.bits - 1)
+    codes = qt.codes().to(torch.int32) + (8 - center)
     weight = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
     scale = qt.scale.to(torch.float32)
-    zero_k = (8.0 - qt.zero_points()) * scale
+    zero_k = (center - qt.zero_points()) * scale
     scales_and_zeros = torch.stack([scale.t(), zero_k.t()], dim=-1).to(torch.bfloat16).contiguous()
     group = torch.tensor(lay.group_len)
     return {"weight": weight, "scales_and_zeros": scales_and_zeros, "group": group}
 
 
 def _run_int4(x, prepared, bias):
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    # The CPU kernels need a row-contiguous activation matrix (transposed inputs crash).
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
     group = int(prepared["group"])
     y = torch._weight_int4pack_mm_for_cpu(
         x2, prepared["weight"], group, prepared["scales_and_zeros"]
     )
     if bias is not None:
         y = y + bias.to(y.dtype)
-    return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
 def _supports_int8(qt: QuantizedTensor, device: torch.device) -> bool:
-    return _is_cpu_int(qt, device) and qt.spec.granularity in ("channel", "tensor")
+    # torch 2.13's CPU kernel reads past the row (segfault) unless in_features % 16 == 0.
+    return (
+        _is_cpu_int(qt, device)
+        and qt.spec.granularity in ("channel", "tensor")
+        and qt.shape[1] % 16 == 0
+    )
 
 
 def _prepare_int8(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
@@ -75,13 +84,14 @@ def _prepare_int8(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
 
 
 def _run_int8(x, prepared, bias):
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    # The CPU kernels need a row-contiguous activation matrix (transposed inputs crash).
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
     y = torch._weight_int8pack_mm(x2, prepared["weight"], prepared["scale"])
     if "zero_shift" in prepared:
         y = y.float() - x2.float().sum(-1, keepdim=True) * prepared["zero_shift"]
     if bias is not None:
         y = y + bias.to(y.dtype)
-    return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
 register_kernel(Kernel("cpu_int4pack", _supports_int4, _prepare_int4, _run_int4, max_tokens=32))

@@ -1,0 +1,74 @@
+"""PyTorch's CUDA int4 weight-only kernel (tinygemm), wrapped as a lowbit kernel.
+
+``aten._weight_int4pack_mm`` restores ``(q - 8) * scale + zero_k`` per group from weights packed
+by ``aten._convert_weight_to_int4pack`` (uint8 ``[N, K/2]``, high nibble first) and bf16
+``[K/group, N, 2]`` (scale, zero_k). It is fast at one to a few tokens and loses to bf16
+``F.linear`` from about 16 tokens (``docs/benchmarks.md``), hence the small ``max_tokens``.
+PyTorch's CUDA int8 weight-only kernel is 4-750x slower than bf16 and is not used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels.registry import Kernel, register_kernel
+from lowbit.tensor import QuantizedTensor
+
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+def _inner_k_tiles(k: int) -> int | None:
+    for tiles in (8, 4, 2):
+        if k % (tiles * 16) == 0:
+            return tiles
+    return None
+
+
+def _supports(qt: QuantizedTensor, device: torch.device) -> bool:
+    if device.type != "cuda" or qt.spec.grid != "int" or qt.spec.bits > 4:
+        return False
+    if len(qt.shape) != 2 or qt.numel() == 0:
+        return False
+    lay = qt.layout
+    n, k = qt.shape
+    return (
+        lay.scale_rows == lay.rows
+        and lay.group_len in GROUP_SIZES
+        and n % 8 == 0
+        and _inner_k_tiles(k) is not None
+    )
+
+
+def _prepare(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+    # Codes move so that the grid centre c sits at the kernel's 8 and zero_k = (c - z) * scale:
+    # with q' = q, 2-bit weights came out of two large cancelling bf16 terms (~3% off).
+    center = 1 << (qt.spec.bits - 1)
+    codes = qt.codes() + (8 - center)
+    pairs = (codes[:, 0::2] << 4) | codes[:, 1::2]
+    tiles = _inner_k_tiles(qt.shape[1])
+    weight = torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), tiles)
+    scale = qt.scale.to(torch.float32)
+    zero_k = (center - qt.zero_points()) * scale
+    scales_and_zeros = torch.stack([scale.t(), zero_k.t()], dim=-1).to(torch.bfloat16).contiguous()
+    return {
+        "weight": weight,
+        "scales_and_zeros": scales_and_zeros,
+        "group": torch.tensor(qt.layout.group_len),
+    }
+
+
+def _run(x, prepared, bias):
+    # The kernel needs a contiguous activation matrix and at least one row.
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+    if x2.shape[0] == 0:
+        y = x2.new_zeros(0, prepared["scales_and_zeros"].shape[1])
+    else:
+        y = torch.ops.aten._weight_int4pack_mm(
+            x2, prepared["weight"], int(prepared["group"]), prepared["scales_and_zeros"]
+        )
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
+register_kernel(Kernel("cuda_int4_tinygemm", _supports, _prepare, _run, max_tokens=8))

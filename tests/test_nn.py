@@ -1,0 +1,282 @@
+"""QuantLinear: construction, fallback and kernel paths, dtype casts, state dicts, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit import QuantLinear, QuantSpec, quantize
+from lowbit.kernels import available_kernels, get_kernel
+
+KERNEL_SPECS = [
+    QuantSpec(bits=4, group_size=64),
+    QuantSpec(bits=3, group_size=32, symmetric=True),
+    QuantSpec(bits=8),
+    QuantSpec(bits=8, symmetric=True, granularity="tensor"),
+]
+OTHER_SPECS = [QuantSpec(bits=4, group_size=16), QuantSpec(bits=2, group_size=8, symmetric=True)]
+
+
+def make_linear(in_features=128, out_features=32, bias=True, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(in_features, out_features, bias=bias).to(dtype)
+
+
+def rel_error(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def test_buffers_of_a_new_layer():
+    layer = QuantLinear(64, 16, spec=QuantSpec(bits=4, group_size=32))
+    assert layer.packed.shape == (16, 32) and layer.packed.dtype == torch.uint8
+    assert layer.scale.shape == (16, 2) and layer.scale.dtype == torch.float16
+    assert layer.zero.shape == (16, 1) and layer.zero.dtype == torch.uint8
+    assert torch.equal(layer.bias, torch.zeros(16))
+    sym = QuantLinear(64, 16, bias=False, spec=QuantSpec(bits=8, symmetric=True))
+    assert sym.zero is None and sym.bias is None
+    assert set(sym.state_dict()) == {"packed", "scale"}
+    assert QuantLinear(8, 4).spec == QuantSpec()
+    assert "int4 g32 asym" in repr(layer) and "in_features=64" in repr(layer)
+
+
+def test_constructor_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="QuantSpec"):
+        QuantLinear(8, 4, spec={"bits": 4})
+    with pytest.raises(TypeError, match="dtype"):
+        QuantLinear(8, 4, dtype=torch.int8)
+    with pytest.raises(TypeError, match="dtype"):
+        QuantLinear(8, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        QuantLinear(8, 4, kernel="fastest")
+    with pytest.raises(ValueError, match="bits=1"):
+        QuantLinear(8, 4, spec=QuantSpec(bits=1))
+    with pytest.raises(ValueError, match="group_size 3"):
+        QuantLinear(8, 4, spec=QuantSpec(group_size=3))
+
+
+@pytest.mark.parametrize("spec", KERNEL_SPECS + OTHER_SPECS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_from_linear_matches_quantize(spec, dtype):
+    linear = make_linear(dtype=dtype)
+    layer = QuantLinear.from_linear(linear, spec)
+    qt = quantize(linear.weight.detach(), spec)
+    assert torch.equal(layer.dequantize_weight(), qt.dequantize())
+    assert layer.dequantize_weight().dtype == dtype
+    assert torch.equal(layer.bias, linear.bias)
+    assert layer.weight_dtype == dtype and layer.spec == spec
+    assert (layer.in_features, layer.out_features) == (128, 32)
+
+
+def test_from_linear_keeps_the_bias_trainability():
+    linear = make_linear()
+    layer = QuantLinear.from_linear(linear, QuantSpec(bits=4, group_size=64))
+    assert layer.bias.requires_grad and QuantLinear(128, 32).bias.requires_grad
+    assert layer.bias.data_ptr() != linear.bias.data_ptr()
+    linear.bias.requires_grad_(False)
+    assert not QuantLinear.from_linear(linear, QuantSpec(bits=8)).bias.requires_grad
+
+
+def test_built_and_loaded_models_compute_the_same():
+    # Under grad mode the path depends on whether activations need a gradient, which depends
+    # on the upstream bias: a quantized model and its reloaded copy must agree on it.
+    spec = QuantSpec(bits=4, group_size=32)
+    model = nn.Sequential(QuantLinear.from_linear(make_linear(128, 64), spec), nn.GELU())
+    model.append(QuantLinear.from_linear(make_linear(64, 32), spec))
+    fresh = nn.Sequential(
+        QuantLinear(128, 64, spec=spec), nn.GELU(), QuantLinear(64, 32, spec=spec)
+    )
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(3, 128)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_from_linear_rejects_non_finite_weights():
+    for bad in (float("nan"), float("inf")):
+        linear = make_linear()
+        with torch.no_grad():
+            linear.weight[3, 7] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            QuantLinear.from_linear(linear, QuantSpec(bits=4, symmetric=True), name="layer 'fc'")
+
+
+def test_from_quantized_checks_shapes():
+    with pytest.raises(ValueError, match="2-D"):
+        QuantLinear.from_quantized(quantize(torch.randn(4, 2, 8), QuantSpec()))
+    with pytest.raises(ValueError, match="bias"):
+        QuantLinear.from_quantized(quantize(torch.randn(4, 8), QuantSpec()), torch.zeros(5))
+
+
+@pytest.mark.parametrize("spec", KERNEL_SPECS + OTHER_SPECS)
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dequantize_path_is_exactly_f_linear(spec, xdtype, bias):
+    layer = QuantLinear.from_linear(make_linear(bias=bias), spec, kernel="dequantize")
+    assert layer.selected_kernel() is None
+    for shape in [(1, 128), (5, 128), (2, 3, 128), (128,)]:
+        x = torch.randn(shape).to(xdtype)
+        b = None if layer.bias is None else layer.bias.to(xdtype)
+        want = F.linear(x, layer.dequantize_weight(xdtype), b)
+        got = layer(x)
+        assert got.dtype == xdtype and got.shape == (*shape[:-1], 32)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("spec", KERNEL_SPECS)
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_auto_path_uses_the_kernel_for_few_tokens(spec, xdtype):
+    layer = QuantLinear.from_linear(make_linear(), spec)
+    kernel = layer.selected_kernel()
+    assert kernel is not None and kernel.name in available_kernels()
+    prepared = kernel.prepare(layer.quantized_weight)
+    for tokens in (1, 3, kernel.max_tokens):
+        x = torch.randn(tokens, 128).to(xdtype)
+        got = layer(x)
+        assert torch.equal(got, kernel.run(x, prepared, layer.bias))
+        want = F.linear(x.float(), layer.dequantize_weight(torch.float32), layer.bias)
+        assert rel_error(got, want) < 1e-2
+    # More tokens than the kernel is good for: dequantize + F.linear, exactly.
+    x = torch.randn(kernel.max_tokens + 1, 128).to(xdtype)
+    want = F.linear(x, layer.dequantize_weight(xdtype), layer.bias.to(xdtype))
+    assert torch.equal(layer(x), want)
+    x3 = torch.randn(2, kernel.max_tokens // 2 + 1, 128).to(xdtype)
+    assert layer(x3).shape == (2, kernel.max_tokens // 2 + 1, 32)
+
+
+@pytest.mark.parametrize("spec", OTHER_SPECS)
+def test_auto_path_without_a_kernel_is_exact(spec):
+    layer = QuantLinear.from_linear(make_linear(), spec)
+    assert layer.selected_kernel() is None
+    x = torch.randn(2, 128)
+    assert torch.equal(layer(x), F.linear(x, layer.dequantize_weight(), layer.bias))
+
+
+def test_named_kernel():
+    name = "cpu_int4pack"
+    if name not in available_kernels():
+        pytest.skip(f"{name} is not registered")
+    layer = QuantLinear.from_linear(make_linear(), QuantSpec(bits=4, group_size=64), kernel=name)
+    assert layer.selected_kernel() is get_kernel(name)
+    x = torch.randn(1, 128)
+    want = get_kernel(name).run(x, get_kernel(name).prepare(layer.quantized_weight), layer.bias)
+    assert torch.equal(layer(x), want)
+    unsupported = QuantLinear.from_linear(
+        make_linear(), QuantSpec(bits=4, group_size=16), kernel=name
+    )
+    with pytest.raises(ValueError, match="does not support"):
+        unsupported(x)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "dequantize"])
+def test_non_contiguous_inputs_match_contiguous_copy(kernel):
+    for spec in KERNEL_SPECS[:3]:
+        layer = QuantLinear.from_linear(make_linear(), spec, kernel=kernel)
+        for xdtype in (torch.float32, torch.bfloat16):
+            wide = torch.randn(4, 256).to(xdtype)
+            for x in (wide[:, ::2], wide.t().contiguous().t()[:, :128], wide[:, 1:129]):
+                assert not x.is_contiguous()
+                got, want = layer(x), layer(x.contiguous())
+                if layer.selected_kernel() is not None:
+                    assert torch.equal(got, want)
+                else:
+                    # F.linear itself may sum in another order for other strides.
+                    weight = layer.dequantize_weight(xdtype)
+                    assert torch.equal(got, F.linear(x, weight, layer.bias.to(xdtype)))
+                    assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_forward_rejects_bad_inputs():
+    layer = QuantLinear.from_linear(make_linear(), QuantSpec(bits=4, group_size=64))
+    for shape in [(2, 127), (2, 129), (128, 2), (0,)]:
+        with pytest.raises(ValueError, match="last dim 128"):
+            layer(torch.randn(shape))
+    for dtype in (torch.int64, torch.int32, torch.uint8, torch.bool):
+        with pytest.raises(TypeError, match="floating-point"):
+            layer(torch.ones(2, 128, dtype=dtype))
+    fallback = QuantLinear.from_linear(
+        make_linear(), QuantSpec(bits=4, group_size=64), kernel="dequantize"
+    )
+    with pytest.raises(TypeError, match="floating-point"):
+        fallback(torch.ones(2, 128, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "to_fp16", "to_bf16"])
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16", "bfloat16"])
+def test_dtype_casts_keep_the_scales(cast, scale_dtype):
+    spec = QuantSpec(bits=4, group_size=64, scale_dtype=scale_dtype)
+    model = nn.Sequential(QuantLinear.from_linear(make_linear(), spec))
+    layer = model[0]
+    weight = layer.dequantize_weight(torch.float32)
+    scale = layer.scale.clone()
+    target = torch.float16 if cast in ("half", "to_fp16") else torch.bfloat16
+    if cast == "half":
+        model.half()
+    elif cast == "bfloat16":
+        model.bfloat16()
+    else:
+        model.to(target)
+    assert layer.scale.dtype == scale.dtype and torch.equal(layer.scale, scale)
+    assert layer.packed.dtype == torch.uint8 and layer.zero.dtype == torch.uint8
+    assert layer.bias.dtype == target
+    assert torch.equal(layer.dequantize_weight(torch.float32), weight)
+    for tokens in (1, 40):
+        x = torch.randn(tokens, 128)
+        want = F.linear(x, weight, layer.bias.float())
+        y = model(x.to(target))
+        assert y.dtype == target
+        assert rel_error(y, want) < 2e-2
+    model.float()
+    assert layer.scale.dtype == scale.dtype and layer.bias.dtype == torch.float32
+    x = torch.randn(40, 128)
+    assert torch.equal(model(x), F.linear(x, weight, layer.bias))
+
+
+@pytest.mark.parametrize("spec", KERNEL_SPECS + OTHER_SPECS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_state_dict_round_trip(spec, bias):
+    source = QuantLinear.from_linear(make_linear(bias=bias), spec)
+    fresh = QuantLinear(128, 32, bias=bias, spec=spec)
+    x_small, x_big = torch.randn(1, 128), torch.randn(40, 128)
+    with torch.no_grad():
+        fresh(x_small), fresh(x_big)  # build (and cache) layouts of the empty weight first
+        fresh.load_state_dict(source.state_dict())
+        for x in (x_small, x_big):
+            assert torch.equal(fresh(x), source(x))
+    assert torch.equal(fresh.dequantize_weight(), source.dequantize_weight())
+    assert set(fresh.state_dict()) == set(source.state_dict())
+
+
+def test_cached_dequantized_weight_is_refreshed():
+    source = QuantLinear.from_linear(make_linear(), QuantSpec(bits=4, group_size=16))
+    cached = QuantLinear(128, 32, spec=source.spec, cache_dequantized=True)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        cached(x)
+        cached.load_state_dict(source.state_dict())
+        assert torch.equal(cached(x), source(x))
+        assert torch.equal(cached(x), cached(x))
+
+
+@pytest.mark.parametrize("spec", KERNEL_SPECS[:2] + OTHER_SPECS[:1])
+def test_gradient_flows_to_the_input(spec):
+    layer = QuantLinear.from_linear(make_linear(), spec)
+    x = torch.randn(2, 128, requires_grad=True)
+    y = layer(x)
+    weight = layer.dequantize_weight()
+    assert torch.equal(y, F.linear(x, weight, layer.bias))
+    upstream = torch.randn(2, 32)
+    y.backward(upstream)
+    assert torch.allclose(x.grad, upstream @ weight, rtol=1e-5, atol=1e-6)
+    assert layer.packed.grad is None
+
+
+def test_empty_layers():
+    spec = QuantSpec(bits=4)
+    no_inputs = QuantLinear.from_quantized(quantize(torch.empty(4, 0), spec), torch.arange(4.0))
+    y = no_inputs(torch.randn(3, 0))
+    assert torch.equal(y, torch.arange(4.0).expand(3, 4))
+    no_outputs = QuantLinear.from_quantized(quantize(torch.empty(0, 8), spec))
+    assert no_outputs(torch.randn(3, 8)).shape == (3, 0)
+    layer = QuantLinear.from_linear(make_linear(), QuantSpec(bits=4, group_size=64))
+    assert layer(torch.randn(0, 128)).shape == (0, 32)

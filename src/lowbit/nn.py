@@ -153,10 +153,15 @@ class QuantLinear(nn.Module):
                 f"QuantLinear expects inputs with last dim {self.in_features}, got {list(x.shape)}"
             )
         tokens = x.numel() // max(1, self.in_features)
-        needs_grad = torch.is_grad_enabled() and x.requires_grad
-        kernel = None if needs_grad else self.selected_kernel(x.device)
+        kernel = self.selected_kernel(x.device)
         if kernel is not None and tokens <= kernel.max_tokens:
-            return kernel.run(x, self._prepared_for(kernel, x.device), self.bias)
+            prepared = self._prepared_for(kernel, x.device)
+            if torch.is_grad_enabled() and x.requires_grad:
+                # Packed kernels have no backward: route the input gradient through the
+                # dequantized weight; the bias is added outside so its gradient flows as usual.
+                y = _KernelMatmul.apply(x, self, kernel, prepared)
+                return y if self.bias is None else y + self.bias.to(y.dtype)
+            return kernel.run(x, prepared, self.bias)
         weight = self._weight_for(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)
@@ -201,3 +206,17 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, spec={self.spec.label!r}"
         )
+
+
+class _KernelMatmul(torch.autograd.Function):
+    """``x @ W.T`` through a packed kernel; backward ``grad @ W`` with ``W`` dequantized."""
+
+    @staticmethod
+    def forward(ctx, x, layer, kernel, prepared):
+        ctx.layer = layer
+        return kernel.run(x, prepared, None)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight = ctx.layer.dequantize_weight(grad.dtype)
+        return grad @ weight, None, None, None

@@ -55,6 +55,13 @@ def available_kernels() -> list[str]:
     return list(_KERNELS)
 
 
+def finish_output(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A kernel's last step: shape ``y [tokens, out]`` like ``x``, cast to ``x``'s dtype, then
+    add the bias in that dtype (so kernel and fallback paths add it the same way)."""
+    y = y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+    return y if bias is None else y + bias.to(x.dtype)
+
+
 def select_kernel(qt: QuantizedTensor, device: torch.device) -> Kernel | None:
     """The first registered kernel that supports ``qt`` on ``device``, or ``None``."""
     for kernel in _KERNELS.values():

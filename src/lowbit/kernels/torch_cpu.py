@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels.registry import Kernel, register_kernel
+from lowbit.kernels.registry import Kernel, finish_output, register_kernel
 from lowbit.tensor import QuantizedTensor
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -55,9 +55,7 @@ def _run_int4(x, prepared, bias):
     y = torch._weight_int4pack_mm_for_cpu(
         x2, prepared["weight"], group, prepared["scales_and_zeros"]
     )
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+    return finish_output(y, x, bias)
 
 
 def _supports_int8(qt: QuantizedTensor, device: torch.device) -> bool:
@@ -89,9 +87,7 @@ def _run_int8(x, prepared, bias):
     y = torch._weight_int8pack_mm(x2, prepared["weight"], prepared["scale"])
     if "zero_shift" in prepared:
         y = y.float() - x2.float().sum(-1, keepdim=True) * prepared["zero_shift"]
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+    return finish_output(y, x, bias)
 
 
 register_kernel(Kernel("cpu_int4pack", _supports_int4, _prepare_int4, _run_int4, max_tokens=32))

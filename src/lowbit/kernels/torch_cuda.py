@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels.registry import Kernel, register_kernel
+from lowbit.kernels.registry import Kernel, finish_output, register_kernel
 from lowbit.tensor import QuantizedTensor
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -66,9 +66,7 @@ def _run(x, prepared, bias):
         y = torch.ops.aten._weight_int4pack_mm(
             x2, prepared["weight"], int(prepared["group"]), prepared["scales_and_zeros"]
         )
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+    return finish_output(y, x, bias)
 
 
 register_kernel(Kernel("cuda_int4_tinygemm", _supports, _prepare, _run, max_tokens=8))

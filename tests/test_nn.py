@@ -286,3 +286,25 @@ def test_empty_layers():
     assert no_outputs(torch.randn(3, 8)).shape == (3, 0)
     layer = QuantLinear.from_linear(make_linear(), QuantSpec(bits=4, group_size=64))
     assert layer(torch.randn(0, 128)).shape == (0, 32)
+
+
+def test_layers_sharing_the_dequantization_workspace_stay_correct():
+    # Fallback layers of one shape reuse one scratch buffer; outputs and gradients must not
+    # see another layer's weight.
+    spec = QuantSpec(bits=4, group_size=32)
+    first = QuantLinear.from_linear(make_linear(64, 64), spec, kernel="dequantize")
+    second = QuantLinear.from_linear(make_linear(64, 64, seed=1), spec, kernel="dequantize")
+    w1, w2 = first.dequantize_weight(), second.dequantize_weight()
+    assert not torch.equal(w1, w2)
+    x = torch.randn(5, 64, requires_grad=True)
+    y = second(torch.tanh(first(x)))
+    with torch.no_grad():
+        h = first(x)
+        assert torch.equal(second(x), F.linear(x, w2, second.bias))
+        assert torch.equal(h, F.linear(x, w1, first.bias))
+    expected = F.linear(torch.tanh(F.linear(x, w1, first.bias)), w2, second.bias)
+    assert torch.equal(y, expected)
+    y.sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    F.linear(torch.tanh(F.linear(x2, w1, first.bias)), w2, second.bias).sum().backward()
+    assert torch.allclose(x.grad, x2.grad)

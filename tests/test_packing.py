@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.packing import pack, packed_row_bytes, unpack
+from lowbit.packing import pack, packed_row_bytes, unpack, unpack_into
 
 BITS = list(range(1, 9))
 PROPERTY = settings(max_examples=60, deadline=None)
@@ -181,3 +181,19 @@ def test_unpack_bad_n(n):
 def test_unpack_wrong_byte_count(bits, n, nbytes):
     with pytest.raises(ValueError, match="bytes"):
         unpack(torch.zeros(2, nbytes, dtype=torch.uint8), bits, n)
+
+
+@PROPERTY
+@given(
+    bits=st.integers(1, 8),
+    rows=st.integers(0, 5),
+    n=st.integers(0, 67),
+    seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.int32]),
+)
+def test_unpack_into_equals_unpack(bits, rows, n, seed, dtype):
+    codes = random_codes(seed, (rows, n), bits)
+    out = torch.full((rows, n), -1, dtype=dtype)
+    result = unpack_into(pack(codes, bits), bits, out)
+    assert result is out
+    assert torch.equal(out, codes.to(dtype))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -162,7 +165,7 @@ class QuantLinear(nn.Module):
                 y = _KernelMatmul.apply(x, self, kernel, prepared)
                 return y if self.bias is None else y + self.bias.to(y.dtype)
             return kernel.run(x, prepared, self.bias)
-        weight = self._weight_for(x.dtype)
+        weight = self._weight_for(x.dtype, torch.is_grad_enabled() and x.requires_grad)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)
 
@@ -174,13 +177,18 @@ class QuantLinear(nn.Module):
             self._prepared = cached
         return cached[2]
 
-    def _weight_for(self, dtype: torch.dtype) -> torch.Tensor:
+    def _weight_for(self, dtype: torch.dtype, kept_for_backward: bool) -> torch.Tensor:
         if self._dequantized is not None and self._dequantized.dtype == dtype:
             return self._dequantized
-        weight = self.dequantize_weight(dtype)
-        if self.cache_dequantized:
-            self._dequantized = weight
-        return weight
+        qt = self.quantized_weight
+        if self.cache_dequantized or kept_for_backward:
+            weight = qt.dequantize(dtype)
+            if self.cache_dequantized:
+                self._dequantized = weight
+            return weight
+        # Used once and dropped: fill a reusable per-thread buffer instead of a fresh
+        # allocation, whose page faults cost more than the dequantization itself.
+        return qt.dequantize(dtype, out=_workspace(qt.shape, dtype, qt.device))
 
     def _load_from_state_dict(self, *args, **kwargs):
         # Loading overwrites the buffers in place: derived kernel layouts would go stale.
@@ -220,3 +228,26 @@ class _KernelMatmul(torch.autograd.Function):
     def backward(ctx, grad):
         weight = ctx.layer.dequantize_weight(grad.dtype)
         return grad @ weight, None, None, None
+
+
+_WORKSPACES = threading.local()
+WORKSPACE_SLOTS = 8
+
+
+def _workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A scratch tensor for one layer's dequantized weight, reused by layers of the same shape.
+
+    Per thread, at most ``WORKSPACE_SLOTS`` buffers (least recently used dropped first): a
+    transformer has a handful of distinct layer shapes, so this costs one float weight per shape.
+    """
+    slots = getattr(_WORKSPACES, "slots", None)
+    if slots is None:
+        slots = _WORKSPACES.slots = OrderedDict()
+    key = (tuple(shape), dtype, device)
+    buffer = slots.pop(key, None)
+    if buffer is None:
+        buffer = torch.empty(shape, dtype=dtype, device=device)
+        while len(slots) >= WORKSPACE_SLOTS:
+            slots.popitem(last=False)
+    slots[key] = buffer
+    return buffer

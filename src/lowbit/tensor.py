@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.grids import get_grid
-from lowbit.packing import packed_row_bytes, unpack
+from lowbit.packing import packed_row_bytes, unpack, unpack_into
 from lowbit.spec import QuantSpec
 
 FLOAT_DTYPES = {
@@ -17,6 +17,9 @@ FLOAT_DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
+
+# Rows per dequantization chunk on CPU: about 1 MB of float32, so temporaries stay in cache.
+DEQUANT_CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -126,22 +129,52 @@ class QuantizedTensor:
             return torch.full((lay.scale_rows, lay.groups), center, device=self.device)
         return unpack(self.zero, self.spec.bits, lay.groups).to(torch.float32)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def dequantize(
+        self, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Restore the tensor: ``(grid_value(q) - zero) * scale``, shape ``shape``.
+
+        Works through rows in cache-sized chunks on CPU, so the only large write is the output
+        (fresh large allocations cost page faults that dominate the arithmetic).
 
         Args:
             dtype: output dtype; defaults to the original tensor's dtype.
+            out: optional preallocated tensor of ``shape`` and ``dtype`` on this device to fill.
         """
         lay = self.layout
-        out_dtype = dtype or self.dtype
+        out_dtype = dtype or (out.dtype if out is not None else self.dtype)
+        if out is None:
+            out = torch.empty(self.shape, dtype=out_dtype, device=self.device)
+        elif out.shape != self.shape or out.dtype != out_dtype or out.device != self.device:
+            raise ValueError(
+                f"out must be a {out_dtype} tensor of shape {list(self.shape)} on {self.device}, "
+                f"got {out.dtype} {list(out.shape)} on {out.device}"
+            )
         if self.numel() == 0:
-            return torch.zeros(self.shape, dtype=out_dtype, device=self.device)
+            return out.zero_()
         grid = get_grid(self.spec.grid)
-        values = grid.decode(self.codes(), self.spec.bits).view(lay.rows, lay.groups, lay.group_len)
+        bits = self.spec.bits
         zero = self.zero_points().unsqueeze(-1)
         scale = self.scale.to(torch.float32).unsqueeze(-1)
-        values.sub_(zero).mul_(scale)
-        return values.view(self.shape).to(out_dtype)
+        per_row = lay.scale_rows == lay.rows
+        target = out.view(lay.rows, lay.groups, lay.group_len)
+        step = lay.rows
+        if self.device.type == "cpu":
+            step = max(1, DEQUANT_CHUNK_ELEMENTS // max(1, lay.cols))
+        for r0 in range(0, lay.rows, step):
+            r1 = min(lay.rows, r0 + step)
+            if getattr(grid, "codes_are_values", False):
+                values = torch.empty(r1 - r0, lay.cols, device=self.device)
+                unpack_into(self.packed[r0:r1], bits, values)
+            else:
+                values = grid.decode(unpack(self.packed[r0:r1], bits, lay.cols), bits)
+            values = values.view(r1 - r0, lay.groups, lay.group_len)
+            if per_row:
+                values.sub_(zero[r0:r1]).mul_(scale[r0:r1])
+            else:
+                values.sub_(zero).mul_(scale)
+            target[r0:r1].copy_(values)
+        return out
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
         """A copy on ``device`` (codes and scales unchanged)."""

@@ -24,7 +24,7 @@ def fit_minmax(blocks: torch.Tensor, grid: Grid, spec: QuantSpec):
     lo = lo.clamp(max=0.0)
     hi = hi.clamp(min=0.0)
     scale = (hi - lo) / (vmax - vmin)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # NaN stays NaN
     zero = vmin - lo / scale
     return scale, zero
 
@@ -39,6 +39,6 @@ def fit_absmax(blocks: torch.Tensor, grid: Grid, spec: QuantSpec):
     center = grid.center(spec.bits)
     absmax = blocks.abs().amax(dim=-1)
     scale = absmax / (vmax - center)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # NaN stays NaN
     zero = None if spec.symmetric else torch.full_like(scale, center)
     return scale, zero

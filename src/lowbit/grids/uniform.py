@@ -15,6 +15,8 @@ class UniformIntGrid:
     """
 
     name = "int"
+    # decode(q) == q: dequantization may unpack codes straight into floats.
+    codes_are_values = True
     min_bits = 2
     max_bits = 8
 

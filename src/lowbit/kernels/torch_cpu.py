@@ -90,5 +90,5 @@ def _run_int8(x, prepared, bias):
     return finish_output(y, x, bias)
 
 
-register_kernel(Kernel("cpu_int4pack", _supports_int4, _prepare_int4, _run_int4, max_tokens=32))
-register_kernel(Kernel("cpu_int8pack", _supports_int8, _prepare_int8, _run_int8, max_tokens=32))
+register_kernel(Kernel("cpu_int4pack", _supports_int4, _prepare_int4, _run_int4, max_tokens=64))
+register_kernel(Kernel("cpu_int8pack", _supports_int8, _prepare_int8, _run_int8, max_tokens=48))

@@ -228,7 +228,7 @@ def test_dtype_casts_keep_the_scales(cast, scale_dtype):
         assert rel_error(y, want) < 2e-2
     model.float()
     assert layer.scale.dtype == scale.dtype and layer.bias.dtype == torch.float32
-    x = torch.randn(40, 128)
+    x = torch.randn(200, 128)  # above every kernel's max_tokens: the exact fallback
     assert torch.equal(model(x), F.linear(x, weight, layer.bias))
 
 
@@ -308,3 +308,16 @@ def test_layers_sharing_the_dequantization_workspace_stay_correct():
     x2 = x.detach().clone().requires_grad_(True)
     F.linear(torch.tanh(F.linear(x2, w1, first.bias)), w2, second.bias).sum().backward()
     assert torch.allclose(x.grad, x2.grad)
+
+
+def test_changing_the_kernel_takes_effect():
+    layer = QuantLinear.from_linear(make_linear(), QuantSpec(bits=4, group_size=64))
+    x = torch.randn(1, 128)
+    assert layer.selected_kernel() is not None
+    fast = layer(x)
+    layer.kernel = "dequantize"
+    assert layer.selected_kernel() is None
+    assert torch.equal(layer(x), F.linear(x, layer.dequantize_weight(), layer.bias))
+    assert not torch.equal(layer(x), fast)  # bf16 activations on the kernel path
+    with pytest.raises(ValueError, match="unknown kernel"):
+        layer.kernel = "no-such-kernel"

@@ -61,7 +61,7 @@ class QuantLinear(nn.Module):
         self.out_features = out_features
         self.spec = spec
         self.weight_dtype = dtype
-        self.kernel = kernel
+        self._kernel = kernel
         self.cache_dequantized = cache_dequantized
         layout = BlockLayout.of((out_features, in_features), spec)
         shapes = layout.expected_shapes(spec)
@@ -78,8 +78,7 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.register_parameter("bias", None)
-        self._prepared: tuple[str, torch.device, dict] | None = None
-        self._dequantized: torch.Tensor | None = None
+        self._reset_caches()
 
     @classmethod
     def from_linear(
@@ -119,6 +118,18 @@ class QuantLinear(nn.Module):
         return layer
 
     @property
+    def kernel(self) -> str:
+        """``"auto"``, ``"dequantize"`` or a registered kernel name (settable)."""
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, name: str) -> None:
+        if name not in ("auto", "dequantize"):
+            get_kernel(name)
+        self._kernel = name
+        self._reset_caches()
+
+    @property
     def quantized_weight(self) -> QuantizedTensor:
         """The weight as a `QuantizedTensor` (shares this layer's buffers)."""
         return QuantizedTensor(
@@ -136,7 +147,14 @@ class QuantLinear(nn.Module):
 
     def selected_kernel(self, device: torch.device | None = None) -> Kernel | None:
         """The packed kernel small batches use on ``device`` (default: the buffers'), or None."""
-        device = device or self.packed.device
+        device = torch.device(device) if device is not None else self.packed.device
+        if self._choice is not None and self._choice[0] == device:
+            return self._choice[1]
+        kernel = self._choose_kernel(device)
+        self._choice = (device, kernel)  # forward asks on every call: keep its answer
+        return kernel
+
+    def _choose_kernel(self, device: torch.device) -> Kernel | None:
         if self.kernel == "dequantize":
             return None
         if self.kernel == "auto":
@@ -190,17 +208,21 @@ class QuantLinear(nn.Module):
         # allocation, whose page faults cost more than the dequantization itself.
         return qt.dequantize(dtype, out=_workspace(qt.shape, dtype, qt.device))
 
+    def _reset_caches(self) -> None:
+        """Forget everything derived from the buffers (kernel choice and layout, float weight)."""
+        self._choice: tuple[torch.device, Kernel | None] | None = None
+        self._prepared: tuple[str, torch.device, dict] | None = None
+        self._dequantized: torch.Tensor | None = None
+
     def _load_from_state_dict(self, *args, **kwargs):
         # Loading overwrites the buffers in place: derived kernel layouts would go stale.
-        self._prepared = None
-        self._dequantized = None
+        self._reset_caches()
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         # Scales keep their stored dtype under model.half()/.to(dtype): a cast would change
         # the quantized values and break the spec. Only their device follows.
-        self._prepared = None
-        self._dequantized = None
+        self._reset_caches()
         scale = self._buffers.pop("scale")
         try:
             result = super()._apply(fn, recurse)

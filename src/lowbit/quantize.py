@@ -61,10 +61,10 @@ def quantize(tensor: torch.Tensor, spec: QuantSpec, *, name: str = "tensor") -> 
             blocks = matrix.reshape(1, -1).to(torch.float32)
             scale[:], zero = _fit_blocks(blocks, grid, fit, spec, scale_dtype, name)
             zero_codes[:] = zero
-            for r0, r1 in _row_chunks(layout):
+            for r0, r1 in _row_chunks(layout, device):
                 packed[r0:r1] = _encode_rows(matrix[r0:r1], scale, zero_codes, layout, grid, spec)
         else:
-            for r0, r1 in _row_chunks(layout):
+            for r0, r1 in _row_chunks(layout, device):
                 rows = matrix[r0:r1]
                 blocks = rows.to(torch.float32).reshape(-1, layout.group_len)
                 s, z = _fit_blocks(blocks, grid, fit, spec, scale_dtype, name)
@@ -77,9 +77,13 @@ def quantize(tensor: torch.Tensor, spec: QuantSpec, *, name: str = "tensor") -> 
     return QuantizedTensor(packed, scale, zero, spec, tensor.shape, tensor.dtype)
 
 
-def _row_chunks(layout: BlockLayout):
-    """(start, stop) row ranges of about CHUNK_ELEMENTS weights each (at least one row)."""
-    step = max(1, CHUNK_ELEMENTS // max(1, layout.cols))
+def _row_chunks(layout: BlockLayout, device: torch.device):
+    """(start, stop) row ranges of about CHUNK_ELEMENTS weights each (at least one row).
+
+    On accelerators the chunks are 64x larger: there the cost is per kernel launch, not cache.
+    """
+    budget = CHUNK_ELEMENTS if device.type == "cpu" else CHUNK_ELEMENTS * 64
+    step = max(1, budget // max(1, layout.cols))
     for r0 in range(0, layout.rows, step):
         yield r0, min(layout.rows, r0 + step)
 

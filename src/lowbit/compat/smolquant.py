@@ -128,8 +128,7 @@ class W8A16LinearLayer(QuantLinear):
             self.packed.copy_(qt.packed.to(self.packed.device))
             self.scale.copy_(qt.scale.to(self.scale.device))
             self.zero.copy_(qt.zero.to(self.zero.device))
-        self._prepared = None
-        self._dequantized = None
+        self._reset_caches()
         return self.scales, self.zero_point, self.int8_weights
 
     def linear_dequantize(self, scales, zero_pts, quant) -> torch.Tensor:

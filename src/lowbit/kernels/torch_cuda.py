@@ -2,8 +2,9 @@
 
 ``aten._weight_int4pack_mm`` restores ``(q - 8) * scale + zero_k`` per group from weights packed
 by ``aten._convert_weight_to_int4pack`` (uint8 ``[N, K/2]``, high nibble first) and bf16
-``[K/group, N, 2]`` (scale, zero_k). It is fast at one to a few tokens and loses to bf16
-``F.linear`` from about 16 tokens (``docs/benchmarks.md``), hence the small ``max_tokens``.
+``[K/group, N, 2]`` (scale, zero_k). It beats bf16 ``F.linear`` at one to eight tokens and
+loses to it from about 16 (``docs/benchmarks.md``), but it stays faster than lowbit's
+dequantize-then-``F.linear`` path up to about 200 tokens, hence ``max_tokens=128``.
 PyTorch's CUDA int8 weight-only kernel is 4-750x slower than bf16 and is not used.
 """
 
@@ -69,4 +70,4 @@ def _run(x, prepared, bias):
     return finish_output(y, x, bias)
 
 
-register_kernel(Kernel("cuda_int4_tinygemm", _supports, _prepare, _run, max_tokens=8))
+register_kernel(Kernel("cuda_int4_tinygemm", _supports, _prepare, _run, max_tokens=128))

@@ -59,9 +59,12 @@ def test_tinygemm_kernel_matches_dequantize(bits, group, symmetric):
 def test_fallback_on_gpu_is_exact_and_large_batches_use_it():
     linear = torch.nn.Linear(576, 192).cuda()
     layer = lowbit.QuantLinear.from_linear(linear, lowbit.QuantSpec(bits=4, group_size=64))
-    x = torch.randn(64, 576, device="cuda")
+    tokens = layer.selected_kernel().max_tokens + 1
+    x = torch.randn(tokens, 576, device="cuda")
     expected = F.linear(x, layer.dequantize_weight(torch.float32), layer.bias)
     assert torch.equal(layer(x), expected)
+    layer.kernel = "dequantize"
+    assert torch.equal(layer(x[:1]), expected[:1])
 
 
 def test_model_moves_between_devices_and_saves_bit_exact(tmp_path):

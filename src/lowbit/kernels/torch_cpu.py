@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels.registry import Kernel, finish_output, register_kernel
+from lowbit.kernels.registry import (
+    Kernel,
+    finish_output,
+    int4_codes_and_scales,
+    register_kernel,
+)
 from lowbit.tensor import QuantizedTensor
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -33,18 +38,9 @@ def _supports_int4(qt: QuantizedTensor, device: torch.device) -> bool:
 
 
 def _prepare_int4(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-    # The kernel restores (q' - 8) * scale + zero_k; ours is (q - z) * scale. Codes are moved
-    # so that the grid centre c sits at 8 (q' = q + 8 - c) and zero_k = (c - z) * scale: both
-    # terms then stay as small as the weight itself, so their bf16 rounding stays small too
-    # (with q' = q, 2- and 3-bit weights came out of two large cancelling terms, ~4% off).
-    lay = qt.layout
-    center = 1 << (qt.spec.bits - 1)
-    codes = qt.codes().to(torch.int32) + (8 - center)
-    weight = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-    scale = qt.scale.to(torch.float32)
-    zero_k = (center - qt.zero_points()) * scale
-    scales_and_zeros = torch.stack([scale.t(), zero_k.t()], dim=-1).to(torch.bfloat16).contiguous()
-    group = torch.tensor(lay.group_len)
+    codes, scales_and_zeros = int4_codes_and_scales(qt)
+    weight = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    group = torch.tensor(qt.layout.group_len)
     return {"weight": weight, "scales_and_zeros": scales_and_zeros, "group": group}
 
 

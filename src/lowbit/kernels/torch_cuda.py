@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels.registry import Kernel, finish_output, register_kernel
+from lowbit.kernels.registry import (
+    Kernel,
+    finish_output,
+    int4_codes_and_scales,
+    register_kernel,
+)
 from lowbit.tensor import QuantizedTensor
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -41,21 +46,12 @@ def _supports(qt: QuantizedTensor, device: torch.device) -> bool:
 
 
 def _prepare(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-    # Codes move so that the grid centre c sits at the kernel's 8 and zero_k = (c - z) * scale:
-    # with q' = q, 2-bit weights came out of two large cancelling bf16 terms (~3% off).
-    center = 1 << (qt.spec.bits - 1)
-    codes = qt.codes() + (8 - center)
+    codes, scales_and_zeros = int4_codes_and_scales(qt)
     pairs = (codes[:, 0::2] << 4) | codes[:, 1::2]
     tiles = _inner_k_tiles(qt.shape[1])
     weight = torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), tiles)
-    scale = qt.scale.to(torch.float32)
-    zero_k = (center - qt.zero_points()) * scale
-    scales_and_zeros = torch.stack([scale.t(), zero_k.t()], dim=-1).to(torch.bfloat16).contiguous()
-    return {
-        "weight": weight,
-        "scales_and_zeros": scales_and_zeros,
-        "group": torch.tensor(qt.layout.group_len),
-    }
+    group = torch.tensor(qt.layout.group_len)
+    return {"weight": weight, "scales_and_zeros": scales_and_zeros, "group": group}
 
 
 def _run(x, prepared, bias):

@@ -88,7 +88,7 @@ def cmd_quantize(args) -> int:
         symmetric=args.symmetric,
         scale_dtype=args.scale_dtype,
     )
-    get_grid(spec.grid).check_bits(spec.bits)  # fail before loading a model
+    get_grid(spec.grid).check_spec(spec)  # fail before loading a model
     exclude = DEFAULT_EXCLUDE if args.exclude is None else args.exclude
     source = resolve_model(args.model)
     print(

@@ -54,7 +54,7 @@ class QuantLinear(nn.Module):
             raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
         if dtype not in FLOAT_DTYPES.values():
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-        get_grid(spec.grid).check_bits(spec.bits)
+        get_grid(spec.grid).check_spec(spec)
         if kernel not in ("auto", "dequantize"):
             get_kernel(kernel)
         self.in_features = in_features

@@ -40,7 +40,7 @@ def quantize(tensor: torch.Tensor, spec: QuantSpec, *, name: str = "tensor") -> 
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}")
     grid = get_grid(spec.grid)
     try:
-        grid.check_bits(spec.bits)
+        grid.check_spec(spec)
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from None
     fit = get_fit(spec.fit)

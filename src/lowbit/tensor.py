@@ -210,7 +210,7 @@ class QuantizedTensor:
         dtype_name = metadata["dtype"]
         if dtype_name not in FLOAT_DTYPES:
             raise ValueError(f"unsupported dtype {dtype_name!r} in quantized tensor metadata")
-        get_grid(spec.grid).check_bits(spec.bits)
+        get_grid(spec.grid).check_spec(spec)
         expected = BlockLayout.of(shape, spec).expected_shapes(spec)
         for name, want in expected.items():
             if name not in tensors:

@@ -19,6 +19,9 @@ class Grid(Protocol):
     def check_bits(self, bits: int) -> None:
         """Raise ``ValueError`` naming ``bits`` if this grid cannot use that width."""
 
+    def check_spec(self, spec) -> None:
+        """Raise ``ValueError`` if this grid cannot serve ``spec`` (bits, symmetry)."""
+
     def value_range(self, bits: int) -> tuple[float, float]:
         """Smallest and largest ``decode`` value (used by the scale fits)."""
 

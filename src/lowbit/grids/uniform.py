@@ -27,6 +27,9 @@ class UniformIntGrid:
                 f"(supported: {self.min_bits}..{self.max_bits})"
             )
 
+    def check_spec(self, spec) -> None:
+        self.check_bits(spec.bits)
+
     def value_range(self, bits: int) -> tuple[float, float]:
         return 0.0, float((1 << bits) - 1)
 

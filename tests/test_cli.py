@@ -95,10 +95,13 @@ def test_exclude_patterns(tiny_llama_dir, tmp_path, capsys):
     assert main([*argv, "--exclude", "*.mlp.*", "re:.*\\.[kv]_proj"]) == 0
     assert "kept float: ['*.mlp.*', 're:.*\\\\.[kv]_proj']" in capsys.readouterr().out
     expected = {f"model.layers.{i}.self_attn.{n}" for i in range(2) for n in ("q_proj", "o_proj")}
-    assert quantized_layers(out) == expected | {"lm_head"}  # the patterns replace the default
+    # The patterns replace the default exclusion; the tied lm_head is still kept float.
+    assert quantized_layers(out) == expected
 
-    assert main([*argv, "--exclude"]) == 0  # no pattern: every layer, lm_head too
+    assert main([*argv, "--exclude"]) == 0  # no pattern: every layer but the tied head
     assert "kept float: none" in capsys.readouterr().out
+    assert quantized_layers(out) == set(LINEARS)
+    assert main([*argv, "--exclude", "--quantize-tied"]) == 0  # the head too
     assert quantized_layers(out) == set(LINEARS) | {"lm_head"}
     loaded, _ = load_quantized(out)
     assert isinstance(loaded.lm_head, QuantLinear)
@@ -240,3 +243,13 @@ def test_eval_of_a_directory_that_is_not_quantized(tiny_llama_dir, capsys):
     assert main(["eval", str(tiny_llama_dir), "--model", str(tiny_llama_dir)]) == 2
     err = capsys.readouterr().err
     assert "lowbit eval: error:" in err and "lowbit.json" in err
+
+
+def test_out_may_not_overwrite_the_source_model(tiny_llama_dir, capsys):
+    before = sorted(p.name for p in tiny_llama_dir.iterdir())
+    code = main(
+        ["quantize", "--model", str(tiny_llama_dir), "--bits", "8", "--out", str(tiny_llama_dir)]
+    )
+    assert code == 2
+    assert "source model" in capsys.readouterr().err
+    assert sorted(p.name for p in tiny_llama_dir.iterdir()) == before

@@ -492,3 +492,64 @@ def test_failed_save_into_new_nested_folders_leaves_no_folders(model, tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         lowbit.save(model, tmp_path / "a" / "b" / "ckpt", write_extra=boom)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_refuses_to_replace_a_directory_it_did_not_write(model, tmp_path):
+    victim = tmp_path / "source-model"
+    victim.mkdir()
+    (victim / "NOTES.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a lowbit checkpoint"):
+        lowbit.save(model, victim)
+    assert (victim / "NOTES.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    lowbit.save(model, empty)
+    assert (empty / "lowbit.json").is_file()
+    assert oct(empty.stat().st_mode & 0o777) != oct(0o700)  # readable like any folder
+
+
+def test_a_layer_shared_under_two_names_round_trips(tmp_path):
+    shared = nn.Linear(32, 32)
+    model = nn.Sequential(shared, nn.Tanh(), shared)
+    quantize_model(model, QuantSpec(bits=4, group_size=32), progress=False)
+    assert model[0] is model[2]
+    lowbit.save(model, tmp_path / "m")
+    other = nn.Linear(32, 32)
+    fresh = lowbit.load(tmp_path / "m", nn.Sequential(other, nn.Tanh(), other))
+    assert fresh[0] is fresh[2] and isinstance(fresh[0], QuantLinear)
+    x = torch.randn(3, 32)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_quantized_tensors_of_another_dtype_are_refused(model, saved):
+    from safetensors.torch import load_file, save_file
+
+    path = saved / "model.safetensors"
+    state = load_file(str(path))
+    state["b.scale"] = state["b.scale"].to(torch.float32)
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=r"b\.scale is torch\.float32, expected torch\.float16"):
+        lowbit.load(saved, Mixed(), verify=False)
+
+
+def test_gpt2_conv1d_layers_quantize_save_and_load(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lowbit.io.hf import is_causal_lm
+
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
+    assert is_causal_lm(config) or is_causal_lm(GPT2LMHeadModel(config).config)
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 100, (1, 12))
+    with torch.inference_mode():
+        reference = model(ids).logits
+    report = quantize_model(model, QuantSpec(bits=8), progress=False)
+    assert len(report.quantized) == 8  # c_attn, c_proj, c_fc, mlp.c_proj per block
+    assert [r.skipped for r in report.skipped] == ["tied to transformer.wte"]
+    with torch.inference_mode():
+        quantized = model(ids).logits
+    assert ((quantized - reference).norm() / reference.norm()) < 0.02
+    lowbit.save(model, tmp_path / "g")
+    fresh = lowbit.load(tmp_path / "g", GPT2LMHeadModel(config).eval())
+    with torch.inference_mode():
+        assert torch.equal(fresh(ids).logits, quantized)

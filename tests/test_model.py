@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lowbit import QuantLinear, QuantSpec, Report, quantize_model
-from lowbit.model import match_pattern, model_bytes, resolve_spec, weight_error
+from lowbit.model import match_pattern, model_bytes, resolve_specs, weight_error
 
 S2 = QuantSpec(bits=2, group_size=8)
 S4 = QuantSpec(bits=4, group_size=16, symmetric=True)
@@ -205,9 +205,10 @@ def test_pattern_matching():
     assert match_pattern(r"re:blocks\.[01]\.mlp\.(up|down)", "blocks.1.mlp.down")
     assert not match_pattern("re:attn", "blocks.0.attn.q"), "regexes match the whole name"
     assert match_pattern("re:.*attn.*", "blocks.0.attn.q")
-    assert resolve_spec("x", S4) == (S4, None)
-    assert resolve_spec("lm_head", {"lm_head": None, "*": S4}) == (None, "rule 'lm_head'")
-    assert resolve_spec("y", {"x": S4}) == (None, "no rule")
+    assert resolve_specs("x", S4) == ((S4,), None, None)
+    assert resolve_specs("lm_head", {"lm_head": None, "*": S4}) == ((), "rule 'lm_head'", "lm_head")
+    assert resolve_specs("y", {"x": S4}) == ((), "no rule", None)
+    assert resolve_specs("y", {"y": [S4, S4]}) == ((S4, S4), None, "y")
 
 
 def test_unmatched_layers_stay_linear():
@@ -284,7 +285,7 @@ def test_tied_embedding_and_head():
     embed = model.embed.weight.detach().clone()
     params = sum(p.numel() for p in model.parameters())
     bytes_before = unique_bytes(model)
-    report = quant(model, {"*": S4})
+    report = quant(model, {"*": S4}, quantize_tied=True)
     assert isinstance(model.lm_head, QuantLinear)
     assert torch.equal(model.embed.weight, embed)
     assert report.parameters == params
@@ -456,7 +457,10 @@ def test_exact_and_empty_reports():
     report = quant(model, QuantSpec(bits=4))
     row = report.layers[0]
     assert row.rel_error == 0.0 and row.sqnr_db == math.inf
-    assert json.loads(report.to_json())["layers"][0]["sqnr_db"] == math.inf
+    text = report.to_json()
+    assert "Infinity" not in text  # strict JSON: an exact layer's SQNR is null
+    assert json.loads(text)["layers"][0]["sqnr_db"] is None
+    assert json.loads(text)["layers"][0]["config"]["grid"] == "int"
     empty = quant(nn.Sequential(nn.ReLU()), S4)
     assert empty.layers == [] and empty.avg_bits_per_weight == 0.0 and empty.mean_rel_error == 0.0
     assert "quantized 0 layers" in empty.table()
@@ -480,3 +484,42 @@ def test_fp16_model_float_rows_report_16_bits():
     assert report.bytes_before == bytes_before
     assert report.bytes_after == unique_bytes(model)
     assert model[0].dequantize_weight().dtype == torch.float16
+
+
+def test_tied_head_is_kept_float_by_default():
+    model = tiny_lm(tie=True)
+    before = unique_bytes(model)
+    report = quant(model, {"*": S4})
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.embed.weight
+    assert [(r.name, r.skipped) for r in report.skipped] == [("lm_head", "tied to embed")]
+    assert report.bytes_after < before
+
+
+def test_patterns_that_match_nothing_are_reported():
+    model = nn.Sequential(nn.Linear(16, 16))
+    report = quant(model, {"0": S4, "lm-head": None}, exclude=["nothing.*"])
+    assert report.warnings == [
+        "pattern 'nothing.*' matched no layer",
+        "pattern 'lm-head' matched no layer",
+    ]
+
+
+def test_linear_subclasses_are_listed_as_kept():
+    class MyLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(MyLinear(16, 16), nn.Linear(16, 8))
+    report = quant(model, S4)
+    assert type(model[0]) is MyLinear and isinstance(model[1], QuantLinear)
+    assert [(r.name, r.skipped) for r in report.skipped] == [("0", "MyLinear (nn.Linear subclass)")]
+
+
+def test_candidate_specs_keep_the_most_accurate():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16))
+    candidates = [S2, S4, S8]
+    report = quant(model, {"*": candidates})
+    assert [r.spec for r in report.quantized] == [S8.label, S8.label]
+    for row in report.quantized:
+        layer = model.get_submodule(row.name)
+        assert layer.spec == S8

@@ -321,3 +321,46 @@ def test_changing_the_kernel_takes_effect():
     assert not torch.equal(layer(x), fast)  # bf16 activations on the kernel path
     with pytest.raises(ValueError, match="unknown kernel"):
         layer.kernel = "no-such-kernel"
+
+
+def test_fallback_scratch_is_one_buffer_the_size_of_the_largest_layer():
+    from lowbit.nn import release_workspaces
+
+    release_workspaces()
+    spec = QuantSpec(bits=4, group_size=32)
+    layers = [
+        QuantLinear.from_linear(make_linear(64, 32, seed=i), spec, kernel="dequantize")
+        for i in range(3)
+    ] + [QuantLinear.from_linear(make_linear(128, 96), spec, kernel="dequantize")]
+    with torch.no_grad():
+        for layer in layers:
+            layer(torch.randn(2, layer.in_features))
+    assert release_workspaces() == 128 * 96 * 4  # one float32 buffer, the largest layer's
+    assert release_workspaces() == 0
+
+
+def test_turning_the_cache_off_frees_it():
+    layer = QuantLinear.from_linear(make_linear(), QuantSpec(bits=8), kernel="dequantize")
+    layer.cache_dequantized = True
+    x = torch.randn(3, 128)
+    layer(x)
+    assert layer._dequantized is not None
+    layer.cache_dequantized = False
+    assert layer._dequantized is None
+    assert torch.equal(layer(x), F.linear(x, layer.dequantize_weight(), layer.bias))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"in_features": -1}, "in_features"),
+        ({"in_features": 4.5}, "in_features"),
+        ({"out_features": "a"}, "out_features"),
+        ({"bias": "yes"}, "bias"),
+        ({"cache_dequantized": "no"}, "cache_dequantized"),
+    ],
+)
+def test_constructor_arguments_are_checked(kwargs, message):
+    args = {"in_features": 16, "out_features": 8, **kwargs}
+    with pytest.raises(TypeError, match=message):
+        QuantLinear(**args)

@@ -476,3 +476,10 @@ def test_log2_step_budget_matches_bits():
     for bits in range(2, 9):
         qt = quantize(w, QuantSpec(bits=bits, scale_dtype="float32"))
         assert math.isclose(qt.scale.item(), 2 / ((1 << bits) - 1), rel_tol=1e-6)
+
+
+def test_quantizing_a_parameter_keeps_no_autograd_graph():
+    weight = torch.nn.Linear(64, 8).weight
+    qt = quantize(weight, QuantSpec(bits=4, group_size=32))
+    assert not qt.scale.requires_grad and qt.scale.grad_fn is None
+    assert not qt.dequantize().requires_grad

@@ -8,7 +8,7 @@
 
 from lowbit.io import load, save
 from lowbit.model import quantize_model
-from lowbit.nn import QuantLinear
+from lowbit.nn import QuantLinear, release_workspaces
 from lowbit.quantize import quantize
 from lowbit.report import LayerReport, Report
 from lowbit.spec import QuantSpec
@@ -25,5 +25,6 @@ __all__ = [
     "load",
     "quantize",
     "quantize_model",
+    "release_workspaces",
     "save",
 ]

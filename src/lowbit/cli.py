@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="layer name globs (or re:REGEX) kept in full precision (default: lm_head; "
         "give --exclude with no pattern to quantize every layer)",
     )
+    q.add_argument(
+        "--quantize-tied",
+        action="store_true",
+        help="also quantize layers whose weight is tied to a float module (an lm_head sharing "
+        "the embedding): kept float by default, since quantizing them makes the model larger",
+    )
     q.add_argument("--out", default=None, help="directory to save the quantized model to")
     q.add_argument("--table", action="store_true", help="print every layer, not only the worst")
     q.add_argument("--json", default=None, help="write the report as JSON to this file")
@@ -70,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "quantize":
             return cmd_quantize(args)
         return cmd_eval(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"lowbit {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -95,9 +101,24 @@ def cmd_quantize(args) -> int:
         f"model: {source}\nspec: {spec.label} (scales {spec.scale_dtype}); "
         f"kept float: {exclude or 'none'}"
     )
+    if args.out:
+        out = Path(args.out).resolve()
+        if out == source.resolve() or source.resolve() in out.parents:
+            raise ValueError(f"--out {args.out!r} is the source model's directory or inside it")
+        if out.exists() and not (
+            out.is_dir() and (not any(out.iterdir()) or (out / "lowbit.json").is_file())
+        ):
+            raise FileExistsError(f"--out {args.out!r} exists and is not a lowbit checkpoint")
     model, tokenizer = load_pretrained(source)
-    report = quantize_model(model, spec, exclude=exclude)
+    report = quantize_model(model, spec, exclude=exclude, quantize_tied=args.quantize_tied)
     print(report.table(None if args.table else 8))
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not report.quantized:
+        raise ValueError(
+            f"no layer of {source} was quantized: it has no nn.Linear layers that the rules "
+            "select (see the table: layers kept and why)"
+        )
     if args.json:
         Path(args.json).write_text(report.to_json())
     if args.out:

@@ -5,17 +5,18 @@ from __future__ import annotations
 import fnmatch
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.nn import QuantLinear
+from lowbit.quantize import quantize
 from lowbit.report import LayerReport, Report
 from lowbit.spec import QuantSpec
 
-Rules = QuantSpec | Mapping[str, QuantSpec | None]
+Rules = QuantSpec | Mapping[str, "QuantSpec | None | Sequence[QuantSpec]"]
 
 
 def match_pattern(pattern: str, name: str) -> bool:
@@ -25,14 +26,55 @@ def match_pattern(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def resolve_spec(name: str, rules: Rules) -> tuple[QuantSpec | None, str | None]:
-    """(spec, reason kept float) for module ``name``: first matching rule wins."""
+def resolve_specs(name: str, rules: Rules) -> tuple[tuple[QuantSpec, ...], str | None, str | None]:
+    """(candidate specs, reason kept float, matching pattern) for module ``name``.
+
+    The first matching rule wins; its value is a spec, ``None`` (keep float) or a list of specs
+    (candidates: the one with the smallest error is kept).
+    """
     if isinstance(rules, QuantSpec):
-        return rules, None
-    for pattern, spec in rules.items():
+        return (rules,), None, None
+    for pattern, value in rules.items():
         if match_pattern(pattern, name):
-            return (spec, None) if spec is not None else (None, f"rule {pattern!r}")
-    return None, "no rule"
+            if value is None:
+                return (), f"rule {pattern!r}", pattern
+            specs = (value,) if isinstance(value, QuantSpec) else tuple(value)
+            return specs, None, pattern
+    return (), "no rule", None
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor | None:
+    """The ``[out, in]`` weight of a layer computing ``x @ W.T + b``, or None.
+
+    Plain `nn.Linear`, and Hugging Face's ``Conv1D`` (GPT-2 family; it stores ``W.T``). Subclasses
+    of `nn.Linear` are not taken: their forward may use ``.weight`` directly.
+    """
+    if type(module) is nn.Linear:
+        return module.weight
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.t()
+    return None
+
+
+def _tied_owners(model: nn.Module) -> dict[str, str]:
+    """For each linear layer whose weight storage a module that stays float (an embedding, say)
+    also holds: that module's name. Linear layers sharing a weight are quantized together."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        if linear_weight(module) is not None:
+            continue
+        for param in module.parameters(recurse=False):
+            if param.device.type != "meta":
+                owners.setdefault(param.untyped_storage().data_ptr(), []).append(name)
+    tied = {}
+    for name, module in model.named_modules():
+        weight = linear_weight(module)
+        if weight is None or weight.device.type == "meta":
+            continue
+        others = [o for o in owners.get(weight.untyped_storage().data_ptr(), []) if o != name]
+        if others:
+            tied[name] = others[0]
+    return tied
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -57,17 +99,23 @@ def quantize_model(
     exclude: Iterable[str] = (),
     *,
     progress: bool = True,
+    quantize_tied: bool = False,
     **layer_kwargs,
 ) -> Report:
     """Quantize every `nn.Linear` of ``model`` in place, choosing a spec per layer by name.
 
     Args:
         model: any module; its `nn.Linear` children at any depth are replaced by `QuantLinear`.
-        rules: one `QuantSpec` for all layers, or ``{pattern: spec or None}``: patterns are globs
-            on the full module name (``"*.mlp.down_proj"``) or ``"re:<regex>"``; the first match
-            wins; ``None`` keeps the layer in full precision; unmatched layers stay float.
+        rules: one `QuantSpec` for all layers, or ``{pattern: spec | None | [spec, ...]}``:
+            patterns are globs on the full module name (``"*.mlp.down_proj"``) or
+            ``"re:<regex>"``; the first match wins; ``None`` keeps the layer in full precision;
+            a list of specs is a set of candidates, and the one with the smallest relative error
+            is kept (the report shows the choice); unmatched layers stay float.
         exclude: patterns of layers to keep in full precision whatever the rules say.
         progress: show a tqdm bar over layers.
+        quantize_tied: also quantize layers whose weight is tied to another module (an
+            ``lm_head`` sharing the embedding, say); off by default, since the float tensor
+            stays for the other module and quantizing then makes the model larger.
         **layer_kwargs: passed to `QuantLinear` (``kernel``, ``cache_dequantized``).
 
     Returns:
@@ -84,53 +132,94 @@ def quantize_model(
             f"rules must be a QuantSpec or a dict of pattern -> spec, got {type(rules).__name__}"
         )
     if isinstance(rules, Mapping):
-        for pattern, spec in rules.items():
-            if not isinstance(pattern, str) or not (spec is None or isinstance(spec, QuantSpec)):
-                raise TypeError(f"rules entry {pattern!r}: expected str -> QuantSpec or None")
+        for pattern, value in rules.items():
+            candidates = [value] if value is None or isinstance(value, QuantSpec) else value
+            ok = isinstance(pattern, str) and isinstance(candidates, (list, tuple))
+            ok = ok and all(c is None or isinstance(c, QuantSpec) for c in candidates)
+            if not ok or (len(candidates) != 1 and None in candidates) or not candidates:
+                raise TypeError(
+                    f"rules entry {pattern!r}: expected str -> QuantSpec, None or a non-empty "
+                    "list of QuantSpec"
+                )
     if isinstance(exclude, str):
         exclude = [exclude]
+    if not isinstance(exclude, Iterable) or not all(isinstance(p, str) for p in exclude):
+        raise TypeError(f"exclude must be a list of name patterns, got {exclude!r}")
     exclude = list(exclude)
     start = time.perf_counter()
     report = Report(
         parameters=sum(p.numel() for p in model.parameters()), bytes_before=model_bytes(model)
     )
 
-    plan: list[tuple[str, nn.Linear, QuantSpec]] = []
+    tied = _tied_owners(model)
+    used_patterns: set[str] = set()
+    plan: list[tuple[str, nn.Module, torch.Tensor, tuple[QuantSpec, ...]]] = []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
+        weight = linear_weight(module)
+        if weight is None:
+            if isinstance(module, nn.Linear):  # a subclass: it may read .weight itself
+                report.layers.append(
+                    LayerReport(
+                        name,
+                        tuple(module.weight.shape),
+                        None,
+                        _float_bits(module),
+                        skipped=f"{type(module).__name__} (nn.Linear subclass)",
+                    )
+                )
             continue
-        shape = tuple(module.weight.shape)
-        if any(match_pattern(p, name) for p in exclude):
-            report.layers.append(
-                LayerReport(name, shape, None, _float_bits(module), skipped="excluded")
-            )
+        shape = tuple(weight.shape)
+        skip = None
+        matched = [p for p in exclude if match_pattern(p, name)]
+        used_patterns.update(matched)
+        if matched:
+            skip = "excluded"
+        else:
+            specs, skip, pattern = resolve_specs(name, rules)
+            if pattern is not None:
+                used_patterns.add(pattern)
+            if skip is None and not quantize_tied and tied.get(name):
+                skip = f"tied to {tied[name]}"
+        if skip is not None:
+            report.layers.append(LayerReport(name, shape, None, _float_bits(module), skipped=skip))
             continue
-        spec, reason = resolve_spec(name, rules)
-        if spec is None:
-            report.layers.append(
-                LayerReport(name, shape, None, _float_bits(module), skipped=reason)
-            )
-            continue
-        if spec.granularity == "group" and module.in_features % spec.group_size:
-            raise ValueError(
-                f"layer {name!r}: in_features {module.in_features} not divisible by "
-                f"group_size {spec.group_size}"
-            )
-        plan.append((name, module, spec))
+        for spec in specs:
+            if spec.granularity == "group" and shape[1] % spec.group_size:
+                raise ValueError(
+                    f"layer {name!r}: in_features {shape[1]} not divisible by "
+                    f"group_size {spec.group_size}"
+                )
+        plan.append((name, module, weight, specs))
+    patterns = list(exclude) + (list(rules) if isinstance(rules, Mapping) else [])
+    report.warnings = [
+        f"pattern {p!r} matched no layer" for p in patterns if p not in used_patterns
+    ]
 
     # Quantize everything first and swap afterwards, so an error leaves the model untouched.
     replacements: list[tuple[str, QuantLinear]] = []
-    for name, module, spec in tqdm(plan, desc="quantizing", unit="layer", disable=not progress):
-        layer = QuantLinear.from_linear(module, spec, name=f"layer {name!r}", **layer_kwargs)
-        rel, sqnr = weight_error(module.weight.detach(), layer.dequantize_weight(torch.float32))
+    for name, module, weight, specs in tqdm(
+        plan, desc="quantizing", unit="layer", disable=not progress
+    ):
+        best = None
+        for spec in specs:  # several candidates: keep the one with the smallest error
+            qt = quantize(weight.detach(), spec, name=f"layer {name!r}")
+            rel, sqnr = weight_error(weight.detach(), qt.dequantize(torch.float32))
+            if best is None or rel < best[1]:
+                best = (qt, rel, sqnr)
+        qt, rel, sqnr = best
+        bias = None if module.bias is None else module.bias.detach()
+        layer = QuantLinear.from_quantized(qt, bias, **layer_kwargs)
+        if bias is not None:
+            layer.bias.requires_grad_(module.bias.requires_grad)
         report.layers.append(
             LayerReport(
                 name,
-                tuple(module.weight.shape),
-                spec.label,
-                layer.quantized_weight.bits_per_weight,
+                tuple(weight.shape),
+                qt.spec.label,
+                qt.bits_per_weight,
                 rel,
                 sqnr,
+                config=qt.spec.to_dict(),
             )
         )
         replacements.append((name, layer))
@@ -138,7 +227,7 @@ def quantize_model(
     paths: dict[int, list[str]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(module), []).append(path)
-    originals = {name: module for name, module, _ in plan}
+    originals = {name: module for name, module, _, _ in plan}
     for name, layer in replacements:
         for path in paths[id(originals[name])]:
             set_submodule(model, path, layer)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import math
 import threading
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,9 @@ class QuantLinear(nn.Module):
     Buffers ``packed``, ``scale`` and (asymmetric specs) ``zero`` are the `QuantizedTensor`'s
     tensors; they are what ``state_dict`` saves. The forward pass asks the kernel registry for a
     packed kernel for this format and device; when there is none, when more than the kernel's
-    ``max_tokens`` rows come in, or when ``x`` needs a gradient, it dequantizes and calls
-    ``F.linear`` in the activation's dtype.
+    ``max_tokens`` rows come in, it dequantizes (into a scratch buffer shared by all layers, see
+    `release_workspaces`) and calls ``F.linear`` in the activation's dtype. When ``x`` needs a
+    gradient the kernel path still runs; its backward uses the dequantized weight.
 
     Args:
         in_features, out_features, bias: as `nn.Linear`.
@@ -49,6 +50,12 @@ class QuantLinear(nn.Module):
         cache_dequantized: bool = False,
     ) -> None:
         super().__init__()
+        for arg, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TypeError(f"{arg} must be a non-negative int, got {value!r}")
+        for arg, value in (("bias", bias), ("cache_dequantized", cache_dequantized)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{arg} must be a bool, got {value!r}")
         spec = spec if spec is not None else QuantSpec()
         if not isinstance(spec, QuantSpec):
             raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
@@ -62,7 +69,7 @@ class QuantLinear(nn.Module):
         self.spec = spec
         self.weight_dtype = dtype
         self._kernel = kernel
-        self.cache_dequantized = cache_dequantized
+        self._cache_dequantized = cache_dequantized
         layout = BlockLayout.of((out_features, in_features), spec)
         shapes = layout.expected_shapes(spec)
         self.register_buffer(
@@ -130,6 +137,17 @@ class QuantLinear(nn.Module):
         self._reset_caches()
 
     @property
+    def cache_dequantized(self) -> bool:
+        """Keep the dequantized weight between fallback calls (settable; False frees it)."""
+        return self._cache_dequantized
+
+    @cache_dequantized.setter
+    def cache_dequantized(self, keep: bool) -> None:
+        self._cache_dequantized = bool(keep)
+        if not keep:
+            self._dequantized = None
+
+    @property
     def quantized_weight(self) -> QuantizedTensor:
         """The weight as a `QuantizedTensor` (shares this layer's buffers)."""
         return QuantizedTensor(
@@ -167,6 +185,9 @@ class QuantLinear(nn.Module):
         return kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in_features]`` (float) -> ``[..., out_features]`` in ``x``'s dtype."""
+        if x.dim() == 0:
+            raise ValueError("QuantLinear expects inputs of at least one dimension")
         if not x.is_floating_point():
             raise TypeError(f"QuantLinear expects floating-point inputs, got {x.dtype}")
         if x.shape[-1] != self.in_features:
@@ -253,23 +274,30 @@ class _KernelMatmul(torch.autograd.Function):
 
 
 _WORKSPACES = threading.local()
-WORKSPACE_SLOTS = 8
 
 
 def _workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A scratch tensor for one layer's dequantized weight, reused by layers of the same shape.
+    """A scratch tensor of ``shape`` for one layer's dequantized weight during its forward.
 
-    Per thread, at most ``WORKSPACE_SLOTS`` buffers (least recently used dropped first): a
-    transformer has a handful of distinct layer shapes, so this costs one float weight per shape.
+    One flat buffer per thread, dtype and device, grown to the largest layer seen and shared by
+    all layers (each uses it only inside its own forward): it costs one float copy of the largest
+    layer, not of the model. `release_workspaces` frees it.
     """
-    slots = getattr(_WORKSPACES, "slots", None)
-    if slots is None:
-        slots = _WORKSPACES.slots = OrderedDict()
-    key = (tuple(shape), dtype, device)
-    buffer = slots.pop(key, None)
-    if buffer is None:
-        buffer = torch.empty(shape, dtype=dtype, device=device)
-        while len(slots) >= WORKSPACE_SLOTS:
-            slots.popitem(last=False)
-    slots[key] = buffer
-    return buffer
+    buffers = getattr(_WORKSPACES, "buffers", None)
+    if buffers is None:
+        buffers = _WORKSPACES.buffers = {}
+    numel = math.prod(shape)
+    key = (dtype, device)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffers.pop(key, None)  # free the smaller one first
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(shape)
+
+
+def release_workspaces() -> int:
+    """Free this thread's dequantization scratch buffers; returns the bytes released."""
+    buffers = getattr(_WORKSPACES, "buffers", None) or {}
+    released = sum(b.numel() * b.element_size() for b in buffers.values())
+    buffers.clear()
+    return released

@@ -105,6 +105,8 @@ def unpack_into(packed: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Ten
     ``bits`` divides 8 and ``n`` fills whole bytes (about 3x faster on CPU).
     """
     _check(bits)
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be uint8, got {packed.dtype}")
     rows, n = out.shape
     per_byte = 8 // bits if 8 % bits == 0 else 0
     if bits == 8 or not per_byte or n % per_byte or packed.shape != (rows, n // per_byte):

@@ -38,6 +38,8 @@ def quantize(tensor: torch.Tensor, spec: QuantSpec, *, name: str = "tensor") -> 
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype not in FLOAT_DTYPES.values():
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}")
+    # Quantized values carry no gradient: never keep the caller's autograd graph alive.
+    tensor = tensor.detach()
     grid = get_grid(spec.grid)
     try:
         grid.check_spec(spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 
@@ -17,6 +18,7 @@ class LayerReport:
     rel_error: float | None = None
     sqnr_db: float | None = None
     skipped: str | None = None
+    config: dict | None = None  # the full QuantSpec.to_dict() of the layer
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Report:
     bytes_before: int = 0
     bytes_after: int = 0
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[LayerReport]:
@@ -57,7 +60,7 @@ class Report:
     def to_dict(self) -> dict:
         """JSON-able dict with per-layer rows and totals."""
         return {
-            "layers": [asdict(r) for r in self.layers],
+            "layers": [_finite(asdict(r)) for r in self.layers],
             "totals": {
                 "layers_quantized": len(self.quantized),
                 "layers_skipped": len(self.skipped),
@@ -119,6 +122,13 @@ class Report:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _finite(row: dict) -> dict:
+    """JSON has no Infinity: an exact layer's SQNR (and similar) become None."""
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()
+    }
 
 
 def _numel(shape) -> int:

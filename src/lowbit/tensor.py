@@ -143,6 +143,8 @@ class QuantizedTensor:
         """
         lay = self.layout
         out_dtype = dtype or (out.dtype if out is not None else self.dtype)
+        if not out_dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {out_dtype}")
         if out is None:
             out = torch.empty(self.shape, dtype=out_dtype, device=self.device)
         elif out.shape != self.shape or out.dtype != out_dtype or out.device != self.device:

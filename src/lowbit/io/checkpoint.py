@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowbit.model import set_submodule
+from lowbit.model import linear_weight, set_submodule
 from lowbit.nn import QuantLinear
 from lowbit.spec import QuantSpec
 from lowbit.tensor import DTYPE_NAMES, FLOAT_DTYPES
@@ -52,7 +52,8 @@ def save(
         directory: created (or replaced when ``overwrite``) only once everything is written.
         metadata: JSON-able information stored under ``"metadata"`` in the manifest.
         write_extra: called with the temporary directory to add files (configs, tokenizers).
-        overwrite: replace an existing directory; otherwise an existing one is an error.
+        overwrite: replace an existing directory, but only an empty one or one that `save`
+            wrote (it holds ``lowbit.json``): anything else (a source model, say) is an error.
 
     Returns:
         The directory's path.
@@ -62,6 +63,10 @@ def save(
     target = Path(directory)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
+        raise FileExistsError(
+            f"{str(target)!r} exists and is not a lowbit checkpoint; refusing to replace it"
+        )
     if target.exists() and not target.is_dir():
         raise ValueError(f"directory {str(target)!r} exists and is not a directory")
     state, aliases = _dedup_state(model.state_dict())
@@ -76,10 +81,19 @@ def save(
         for name, module in model.named_modules()
         if isinstance(module, QuantLinear)
     }
+    # A layer registered under several names is stored once; the other names are recorded.
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, QuantLinear) and path not in layers:
+            first = next(n for n, m in model.named_modules() if m is module)
+            layers[first].setdefault("also_at", []).append(path)
     created = _make_parents(target.parent)
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        # mkdtemp makes the folder private (0700); a saved model should be as readable as any.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         tensors_path = tmp / TENSORS
         save_file(state, str(tensors_path), metadata={"format": FORMAT_NAME})
         manifest = {
@@ -173,12 +187,17 @@ def load(directory: str | os.PathLike, model: nn.Module, *, verify: bool = True)
             raise ValueError(
                 f"layer {name!r} of {str(directory)!r} does not exist in the model"
             ) from None
-        if not isinstance(module, (nn.Linear, QuantLinear)):
+        weight = linear_weight(module)
+        if isinstance(module, QuantLinear):
+            shape = (module.out_features, module.in_features)
+        elif weight is not None:
+            shape = tuple(weight.shape)
+        else:
             raise ValueError(f"layer {name!r} is a {type(module).__name__}, expected nn.Linear")
-        if (module.in_features, module.out_features) != (info["in_features"], info["out_features"]):
+        if shape != (info["out_features"], info["in_features"]):
             raise ValueError(
                 f"layer {name!r}: saved shape [{info['out_features']}, {info['in_features']}] "
-                f"does not match the model's [{module.out_features}, {module.in_features}]"
+                f"does not match the model's {list(shape)}"
             )
         new_layers[name] = QuantLinear(
             info["in_features"],
@@ -190,9 +209,11 @@ def load(directory: str | os.PathLike, model: nn.Module, *, verify: bool = True)
         )
     # Check every tensor against the model as it will be before touching it, so a file that
     # does not fit leaves the skeleton unchanged.
-    _check_fit(model, new_layers, state, tensors_path)
+    also_at = {name: info.get("also_at", []) for name, info in manifest["layers"].items()}
+    _check_fit(model, new_layers, state, tensors_path, also_at)
     for name, layer in new_layers.items():
-        set_submodule(model, name, layer)
+        for path in [name, *manifest["layers"][name].get("also_at", [])]:
+            set_submodule(model, path, layer)
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as err:
@@ -219,15 +240,26 @@ def load(directory: str | os.PathLike, model: nn.Module, *, verify: bool = True)
     return model
 
 
-def _check_fit(model, new_layers, state, tensors_path) -> None:
-    """Raise ValueError naming the tensors of ``state`` that do not fit the model to be."""
+def _check_fit(model, new_layers, state, tensors_path, also_at) -> None:
+    """Raise ValueError naming the tensors of ``state`` that do not fit the model to be.
+
+    Shapes are checked for every tensor; dtypes for the quantized layers' tensors, whose bits
+    mean nothing in another dtype.
+    """
+    paths = {path: name for name in new_layers for path in [name, *also_at.get(name, [])]}
     expected: dict[str, tuple[int, ...]] = {}
     for key, tensor in model.state_dict(keep_vars=True).items():
-        if key.rpartition(".")[0] not in new_layers:
+        if key.rpartition(".")[0] not in paths:
             expected[key] = tuple(tensor.shape)
-    for name, layer in new_layers.items():
-        for key, tensor in layer.state_dict(keep_vars=True).items():
-            expected[f"{name}.{key}"] = tuple(tensor.shape)
+    wrong_dtype = []
+    for path, name in paths.items():
+        for key, tensor in new_layers[name].state_dict(keep_vars=True).items():
+            full = f"{path}.{key}"
+            expected[full] = tuple(tensor.shape)
+            if key != "bias" and full in state and state[full].dtype != tensor.dtype:
+                wrong_dtype.append(f"{full} is {state[full].dtype}, expected {tensor.dtype}")
+    if wrong_dtype:
+        raise ValueError(f"{str(tensors_path)!r} does not fit the model: {wrong_dtype[:5]}")
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     mismatched = [

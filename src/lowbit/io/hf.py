@@ -23,6 +23,12 @@ def _transformers():
 
 def is_causal_lm(config) -> bool:
     """Whether a config describes a causal language model (else it is loaded as an encoder)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if getattr(config, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        archs = getattr(config, "architectures", None) or []
+        # A causal-LM family saved as a bare backbone (LlamaModel, say) has no head to load.
+        return not archs or any(not a.endswith("Model") for a in archs)
     return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
 
 

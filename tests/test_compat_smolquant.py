@@ -160,3 +160,38 @@ def test_saved_and_loaded_through_lowbit(tmp_path):
     x = torch.randn(2, 32)
     assert torch.equal(fresh(x), model(x))
     assert torch.equal(fresh[0].packed, model[0].packed)
+
+
+def test_a_smolquant_state_dict_loads_and_matches_its_formula():
+    # What SmolQuant itself saves: int8 codes, per-row scales, int8 zero points (possibly
+    # wrapped by its int8 cast); its dequantization is scales * (q - zero_point).
+    torch.manual_seed(0)
+    codes = torch.randint(-128, 128, (8, 32), dtype=torch.int8)
+    scales = torch.rand(8) * 0.01 + 1e-3
+    zeros = torch.randint(-128, 128, (8,), dtype=torch.int8)
+    bias = torch.randn(8)
+    layer = W8A16LinearLayer(32, 8, bias=torch.zeros(8))
+    layer.load_state_dict(
+        {"int8_weights": codes, "scales": scales, "zero_point": zeros, "bias": bias}
+    )
+    expected = scales[:, None] * (codes.float() - zeros[:, None].float())
+    torch.testing.assert_close(layer.dequantize_weight(), expected, rtol=1e-6, atol=1e-7)
+    assert torch.equal(layer.int8_weights, codes) and torch.equal(layer.zero_point, zeros.int())
+    x = torch.randn(100, 32)
+    torch.testing.assert_close(layer(x), x @ expected.T + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_replace_keeps_a_shared_linear_shared():
+    shared = nn.Linear(16, 16)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    replace_linear_with_target_and_quantize(model, W8A16LinearLayer, [])
+    assert model[0] is model[2] and isinstance(model[0], W8A16LinearLayer)
+
+
+def test_argument_types_are_checked():
+    with pytest.raises(TypeError, match="dim"):
+        channel_linear_quantize(torch.randn(4, 4), dim="0")
+    with pytest.raises(TypeError, match="weight"):
+        W8A16LinearLayer(4, 4).quantize([[0.0] * 4] * 4)
+    with pytest.raises(TypeError, match="bias"):
+        W8A16LinearLayer(4, 4, bias="yes")

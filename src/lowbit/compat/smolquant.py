@@ -70,7 +70,9 @@ def channel_linear_quantize(tensor: torch.Tensor, dim: int = 0, dtype=torch.int8
     _check_dtype(dtype)
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -tensor.dim() <= dim < tensor.dim():
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {dim!r}")
+    if not -tensor.dim() <= dim < tensor.dim():
         raise ValueError(f"dim={dim!r} is out of range for a tensor with {tensor.dim()} dims")
     moved = tensor.movedim(dim, 0)
     qt = quantize(moved, _CHANNEL, name="tensor")
@@ -87,11 +89,14 @@ class W8A16LinearLayer(QuantLinear):
         bias: a bias tensor ``[out_features]``, ``None``/``False`` for none, ``True`` for zeros.
 
     ``int8_weights`` (int8 ``[out, in]``), ``scales`` (float32 ``[out]``) and ``zero_point``
-    (int32 ``[out]``) are views of what the layer stores (read-only properties; the state dict
-    holds lowbit's packed buffers).
+    (int32 ``[out]``) are read-only properties computed from what the layer stores (lowbit's
+    ``packed``/``scale``/``zero`` buffers, which ``state_dict`` saves); writing into them does
+    not change the layer. A state dict saved by SmolQuant (with its buffer names) loads as is.
     """
 
     def __init__(self, in_features, out_features, dtype=torch.float32, bias=None):
+        if not (bias is None or isinstance(bias, (bool, torch.Tensor))):
+            raise TypeError(f"bias must be a tensor, a bool or None, got {type(bias).__name__}")
         has_bias = bias is not None and bias is not False
         super().__init__(in_features, out_features, has_bias, _CHANNEL, dtype=dtype)
         if isinstance(bias, torch.Tensor):
@@ -112,12 +117,27 @@ class W8A16LinearLayer(QuantLinear):
     def zero_point(self) -> torch.Tensor:
         return unpack(self.zero, 8, 1).reshape(-1).to(torch.int32) - 128
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state dict saved by SmolQuant itself (int8_weights / scales / zero_point) loads too:
+        # its dequantization scales * (q - zp) equals ours with code q + 128 and zero zp + 128.
+        names = [prefix + n for n in ("int8_weights", "scales", "zero_point")]
+        if all(n in state_dict for n in names):
+            codes, scales, zeros = (state_dict.pop(n) for n in names)
+            state_dict[prefix + "packed"] = (codes.to(torch.int16) + 128).to(torch.uint8)
+            state_dict[prefix + "scale"] = scales.to(torch.float32).reshape(-1, 1)
+            state_dict[prefix + "zero"] = (
+                (zeros.to(torch.int16) + 128).to(torch.uint8).reshape(-1, 1)
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def quantize(self, weight: torch.Tensor):
         """Quantize ``weight [out_features, in_features]`` into this layer.
 
         Returns:
             ``(scales, zero_point, int8_weights)`` as stored.
         """
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"weight has shape {list(weight.shape)}, expected "
@@ -168,6 +188,13 @@ def replace_linear_with_target_and_quantize(module, target_class, module_name_to
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
         replacements.append((name, layer.to(child.weight.device)))
+    # A child registered under several names is replaced under all of them (it stays shared).
+    paths: dict[int, list[str]] = {}
+    for path, child in module.named_modules(remove_duplicate=False):
+        paths.setdefault(id(child), []).append(path)
+    originals = dict(module.named_modules())
     for name, layer in replacements:
-        set_submodule(module, name, layer)
+        for path in paths[id(originals[name])]:
+            if path.rpartition(".")[2] not in excluded:
+                set_submodule(module, path, layer)
     return module

@@ -13,9 +13,9 @@ from lowbit.spec import QuantSpec
 def fit_minmax(blocks: torch.Tensor, grid: Grid, spec: QuantSpec):
     """Stretch the grid over ``[min(x, 0), max(x, 0)]`` of each block.
 
-    The range always contains 0 so that the integer zero point lies on the grid: 0.0 is then
-    restored exactly, and rows of one sign keep their full resolution. For a symmetric spec
-    this falls back to ``absmax``.
+    The range always contains 0 so that the integer zero point lies on the grid and 0.0 is
+    restored exactly. The price: a block of one sign (all in [0.5, 1], say) spreads the grid
+    over [0, max] and uses only part of it. For a symmetric spec this falls back to ``absmax``.
     """
     if spec.symmetric:
         return fit_absmax(blocks, grid, spec)

@@ -364,3 +364,16 @@ def test_constructor_arguments_are_checked(kwargs, message):
     args = {"in_features": 16, "out_features": 8, **kwargs}
     with pytest.raises(TypeError, match=message):
         QuantLinear(**args)
+
+
+def test_fallback_works_in_and_out_of_inference_mode():
+    layer = QuantLinear.from_linear(make_linear(), QuantSpec(bits=4, group_size=32))
+    layer.kernel = "dequantize"
+    x = torch.randn(3, 128)
+    with torch.inference_mode():
+        first = layer(x)
+    assert torch.equal(layer(x), first)
+    with torch.no_grad():
+        assert torch.equal(layer(x), first)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), first)

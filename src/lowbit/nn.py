@@ -291,7 +291,10 @@ def _workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> t
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
         buffers.pop(key, None)  # free the smaller one first
-        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        # A normal tensor, even when first needed under inference_mode: an inference tensor
+        # could not be written to by a later forward outside it.
+        with torch.inference_mode(False):
+            buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buffer[:numel].view(shape)
 
 

@@ -74,7 +74,7 @@ def test_quantize_writes_a_loadable_directory(tiny_llama_dir, tmp_path, capsys):
     assert {QuantSpec.from_dict(i["spec"]) for i in manifest["layers"].values()} == {spec}
     meta = manifest["metadata"]
     assert meta["source_model"] == str(tiny_llama_dir) and meta["exclude"] == ["lm_head"]
-    assert meta["spec"] == spec.to_dict() and meta["report"]["avg_bits_per_weight"] == 4.625
+    assert meta["specs"] == [spec.to_dict()] and meta["report"]["avg_bits_per_weight"] == 4.625
 
     loaded, tokenizer = load_quantized(out)
     expected, _ = load_pretrained(tiny_llama_dir)
@@ -253,3 +253,44 @@ def test_out_may_not_overwrite_the_source_model(tiny_llama_dir, capsys):
     assert code == 2
     assert "source model" in capsys.readouterr().err
     assert sorted(p.name for p in tiny_llama_dir.iterdir()) == before
+
+
+def test_codebook_grid_and_best_grid(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "nf4"
+    argv = ["quantize", "--model", str(tiny_llama_dir), "--bits", "4", "--group-size", "32"]
+    assert main([*argv, "--grid", "nf4", "--out", str(out)]) == 0
+    layers = read_manifest(out)["layers"]
+    assert {info["spec"]["grid"] for info in layers.values()} == {"nf4"}
+    assert all(info["spec"]["symmetric"] for info in layers.values())  # codebooks imply it
+    capsys.readouterr()
+
+    best = tmp_path / "best"
+    assert main([*argv, "--grid", "best", "--out", str(best)]) == 0
+    printed = capsys.readouterr().out
+    assert "best per layer of int4 g32 asym, " in printed and "nf44 g32 sym" in printed
+    chosen = {info["spec"]["grid"] for info in read_manifest(best)["layers"].values()}
+    assert chosen <= {
+        "int",
+        "nf4",
+        "fp4",
+        "gaussian",
+        "logistic",
+        "laplace",
+        "gumbel",
+        "exponential",
+    } | {
+        g + "-quantile"
+        for g in ("gaussian", "logistic", "laplace", "gumbel", "exponential", "cauchy")
+    }
+    loaded, _ = load_quantized(best)
+    with torch.inference_mode():
+        assert torch.isfinite(loaded(input_ids=torch.arange(10)[None]).logits).all()
+
+
+def test_bad_grid_arguments_fail_before_loading(tiny_llama_dir, tmp_path, capsys):
+    argv = ["quantize", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "x")]
+    assert main([*argv, "--grid", "nf4", "--bits", "3"]) == 2
+    assert "bits=3 is out of range for grid 'nf4'" in capsys.readouterr().err
+    assert main([*argv, "--grid", "nf5"]) == 2
+    assert "unknown grid 'nf5'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

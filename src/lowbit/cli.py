@@ -36,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="tensor, channel or group (implied by --group-size)",
     )
     q.add_argument("--symmetric", action="store_true", help="scale only, no zero point")
+    q.add_argument(
+        "--grid",
+        default="int",
+        help="value grid: int (default), nf4, fp4, a distribution codebook (gaussian, logistic, "
+        "laplace, gumbel, exponential, or <family>-quantile), or 'best' to try int and every "
+        "codebook of that width per layer and keep the smallest error. Codebooks imply "
+        "--symmetric.",
+    )
     q.add_argument("--scale-dtype", choices=SCALE_DTYPES, default="float16")
     q.add_argument(
         "--exclude",
@@ -82,23 +90,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from lowbit.grids import get_grid
     from lowbit.io.hf import load_pretrained, save_quantized
     from lowbit.model import quantize_model
     from lowbit.models import resolve_model
 
-    spec = QuantSpec(
-        bits=args.bits,
-        group_size=args.group_size,
-        granularity=args.granularity,
-        symmetric=args.symmetric,
-        scale_dtype=args.scale_dtype,
-    )
-    get_grid(spec.grid).check_spec(spec)  # fail before loading a model
+    specs = cli_specs(args)
+    spec = specs[0]
     exclude = DEFAULT_EXCLUDE if args.exclude is None else args.exclude
     source = resolve_model(args.model)
+    label = (
+        spec.label if len(specs) == 1 else "best per layer of " + ", ".join(s.label for s in specs)
+    )
     print(
-        f"model: {source}\nspec: {spec.label} (scales {spec.scale_dtype}); "
+        f"model: {source}\nspec: {label} (scales {spec.scale_dtype}); "
         f"kept float: {exclude or 'none'}"
     )
     if args.out:
@@ -110,7 +114,8 @@ def cmd_quantize(args) -> int:
         ):
             raise FileExistsError(f"--out {args.out!r} exists and is not a lowbit checkpoint")
     model, tokenizer = load_pretrained(source)
-    report = quantize_model(model, spec, exclude=exclude, quantize_tied=args.quantize_tied)
+    rules = {"*": specs} if len(specs) > 1 else spec
+    report = quantize_model(model, rules, exclude=exclude, quantize_tied=args.quantize_tied)
     print(report.table(None if args.table else 8))
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -124,13 +129,43 @@ def cmd_quantize(args) -> int:
     if args.out:
         metadata = {
             "source_model": str(source),
-            "spec": spec.to_dict(),
+            "specs": [s.to_dict() for s in specs],
             "exclude": exclude,
             "report": report.to_dict()["totals"],
         }
         save_quantized(model, tokenizer, args.out, metadata)
         print(f"saved to {args.out}")
     return 0
+
+
+def cli_specs(args) -> list[QuantSpec]:
+    """The spec(s) the quantize options ask for: one, or the candidates of ``--grid best``.
+
+    Every spec is checked against its grid here, before any model is loaded.
+    """
+    from lowbit.grids import CodebookGrid, available_grids, get_grid
+
+    def make(grid: str, symmetric: bool) -> QuantSpec:
+        spec = QuantSpec(
+            bits=args.bits,
+            group_size=args.group_size,
+            granularity=args.granularity,
+            symmetric=symmetric,
+            grid=grid,
+            scale_dtype=args.scale_dtype,
+        )
+        get_grid(grid).check_spec(spec)
+        return spec
+
+    if args.grid != "best":
+        codebook = isinstance(get_grid(args.grid), CodebookGrid)
+        return [make(args.grid, args.symmetric or codebook)]
+    specs = [make("int", args.symmetric)]
+    for name in available_grids():
+        grid = get_grid(name)
+        if isinstance(grid, CodebookGrid) and grid.min_bits <= args.bits <= grid.max_bits:
+            specs.append(make(name, True))
+    return specs
 
 
 def cmd_eval(args) -> int:

@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--scale-dtype", choices=SCALE_DTYPES, default="float16")
     q.add_argument(
+        "--rotate",
+        action="store_true",
+        help="randomized Hadamard rotation of each layer's input dimension before quantizing",
+    )
+    q.add_argument(
         "--exclude",
         nargs="*",
         default=None,
@@ -153,6 +158,7 @@ def cli_specs(args) -> list[QuantSpec]:
             symmetric=symmetric,
             grid=grid,
             scale_dtype=args.scale_dtype,
+            rotation="hadamard" if args.rotate else None,
         )
         get_grid(grid).check_spec(spec)
         return spec

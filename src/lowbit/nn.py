@@ -12,6 +12,7 @@ from torch import nn
 from lowbit.grids import get_grid
 from lowbit.kernels import Kernel, get_kernel, select_kernel
 from lowbit.quantize import quantize
+from lowbit.rotation import rotate, unpack_signs
 from lowbit.spec import QuantSpec
 from lowbit.tensor import FLOAT_DTYPES, BlockLayout, QuantizedTensor
 
@@ -81,6 +82,10 @@ class QuantLinear(nn.Module):
         if "zero" in shapes:
             zero = torch.zeros(shapes["zero"], dtype=torch.uint8, device=device)
         self.register_buffer("zero", zero)
+        signs = None
+        if "signs" in shapes:
+            signs = torch.zeros(shapes["signs"], dtype=torch.uint8, device=device)
+        self.register_buffer("signs", signs)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         else:
@@ -119,7 +124,7 @@ class QuantLinear(nn.Module):
             device="meta",
             **kwargs,
         )
-        layer.packed, layer.scale, layer.zero = qt.packed, qt.scale, qt.zero
+        layer.packed, layer.scale, layer.zero, layer.signs = qt.packed, qt.scale, qt.zero, qt.signs
         if bias is not None:
             layer.bias = nn.Parameter(bias.clone(), requires_grad=bias.requires_grad)
         return layer
@@ -157,6 +162,7 @@ class QuantLinear(nn.Module):
             self.spec,
             torch.Size((self.out_features, self.in_features)),
             self.weight_dtype,
+            self.signs,
         )
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -194,6 +200,9 @@ class QuantLinear(nn.Module):
             raise ValueError(
                 f"QuantLinear expects inputs with last dim {self.in_features}, got {list(x.shape)}"
             )
+        if self.signs is not None:
+            # The codes hold W R^T: rotate the input the same way (x W^T = x R^T (W R^T)^T).
+            x = rotate(x, self._sign_vector(x.device))
         tokens = x.numel() // max(1, self.in_features)
         kernel = self.selected_kernel(x.device)
         if kernel is not None and tokens <= kernel.max_tokens:
@@ -221,16 +230,22 @@ class QuantLinear(nn.Module):
             return self._dequantized
         qt = self.quantized_weight
         if self.cache_dequantized or kept_for_backward:
-            weight = qt.dequantize(dtype)
+            weight = qt.dequantize(dtype, rotated=True)
             if self.cache_dequantized:
                 self._dequantized = weight
             return weight
         # Used once and dropped: fill a reusable per-thread buffer instead of a fresh
         # allocation, whose page faults cost more than the dequantization itself.
-        return qt.dequantize(dtype, out=_workspace(qt.shape, dtype, qt.device))
+        return qt.dequantize(dtype, out=_workspace(qt.shape, dtype, qt.device), rotated=True)
+
+    def _sign_vector(self, device: torch.device) -> torch.Tensor:
+        if self._signs is None or self._signs.device != device:
+            self._signs = unpack_signs(self.signs, self.in_features).to(device)
+        return self._signs
 
     def _reset_caches(self) -> None:
         """Forget everything derived from the buffers (kernel choice and layout, float weight)."""
+        self._signs: torch.Tensor | None = None
         self._choice: tuple[torch.device, Kernel | None] | None = None
         self._prepared: tuple[str, torch.device, dict] | None = None
         self._dequantized: torch.Tensor | None = None
@@ -269,7 +284,7 @@ class _KernelMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        weight = ctx.layer.dequantize_weight(grad.dtype)
+        weight = ctx.layer.quantized_weight.dequantize(grad.dtype, rotated=True)
         return grad @ weight, None, None, None
 
 

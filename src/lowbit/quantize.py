@@ -7,6 +7,7 @@ import torch
 from lowbit.fit import get_fit
 from lowbit.grids import get_grid
 from lowbit.packing import pack
+from lowbit.rotation import pack_signs, random_signs, rotate
 from lowbit.spec import QuantSpec
 from lowbit.tensor import FLOAT_DTYPES, BlockLayout, QuantizedTensor
 
@@ -52,6 +53,10 @@ def quantize(tensor: torch.Tensor, spec: QuantSpec, *, name: str = "tensor") -> 
         raise ValueError(f"{name}: {err}") from None
     scale_dtype = FLOAT_DTYPES[spec.scale_dtype]
     matrix = tensor.reshape(layout.rows, layout.cols)
+    signs = None
+    if spec.rotation and matrix.numel():
+        signs = random_signs(layout.cols, spec.rotation_seed).to(matrix.device)
+        matrix = rotate(matrix.to(torch.float32), signs)
     device = tensor.device
     shapes = layout.expected_shapes(spec)
     packed = torch.zeros(shapes["packed"], dtype=torch.uint8, device=device)
@@ -76,7 +81,10 @@ def quantize(tensor: torch.Tensor, spec: QuantSpec, *, name: str = "tensor") -> 
                     rows, scale[r0:r1], zero_codes[r0:r1], layout, grid, spec
                 )
     zero = None if spec.symmetric else pack(zero_codes, spec.bits)
-    return QuantizedTensor(packed, scale, zero, spec, tensor.shape, tensor.dtype)
+    if spec.rotation:
+        signs = torch.ones(layout.cols, device=device) if signs is None else signs
+        signs = pack_signs(signs)
+    return QuantizedTensor(packed, scale, zero, spec, tensor.shape, tensor.dtype, signs)
 
 
 def _row_chunks(layout: BlockLayout, device: torch.device):

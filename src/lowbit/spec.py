@@ -8,6 +8,7 @@ SPEC_VERSION = 1
 
 GRANULARITIES = ("tensor", "channel", "group")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
+ROTATIONS = (None, "hadamard")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class QuantSpec:
             and ``"minmax"`` otherwise.
         scale_dtype: storage type of the scales: ``"float16"`` (default, as HQQ and llama.cpp),
             ``"bfloat16"`` or ``"float32"``.
+        rotation: ``None`` or ``"hadamard"``: quantize ``W R^T`` with ``R`` a randomized
+            block-diagonal Hadamard matrix (see `lowbit.rotation`); layers rotate their input
+            to match. The random signs (from ``rotation_seed``) are stored with the weight.
     """
 
     bits: int = 8
@@ -41,6 +45,8 @@ class QuantSpec:
     grid: str = "int"
     fit: str | None = None
     scale_dtype: str = "float16"
+    rotation: str | None = None
+    rotation_seed: int = 0
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -81,6 +87,12 @@ class QuantSpec:
             raise ValueError(
                 f"QuantSpec.scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}"
             )
+        if self.rotation not in ROTATIONS:
+            raise ValueError(
+                f"QuantSpec.rotation must be one of {ROTATIONS}, got {self.rotation!r}"
+            )
+        if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int):
+            raise TypeError(f"QuantSpec.rotation_seed must be an int, got {self.rotation_seed!r}")
         if self.version != SPEC_VERSION:
             raise ValueError(
                 f"QuantSpec.version {self.version} is not supported "
@@ -93,6 +105,7 @@ class QuantSpec:
         layout = f"g{self.group_size}" if self.granularity == "group" else self.granularity
         kind = "sym" if self.symmetric else "asym"
         extra = "" if self.fit in ("absmax", "minmax") else f" {self.fit}"
+        extra += " rot" if self.rotation else ""
         return f"{self.grid}{self.bits} {layout} {kind}{extra}"
 
     def to_dict(self) -> dict:

@@ -9,6 +9,7 @@ import torch
 
 from lowbit.grids import get_grid
 from lowbit.packing import packed_row_bytes, unpack, unpack_into
+from lowbit.rotation import unpack_signs, unrotate
 from lowbit.spec import QuantSpec
 
 FLOAT_DTYPES = {
@@ -67,6 +68,8 @@ class BlockLayout:
         }
         if not spec.symmetric:
             shapes["zero"] = (self.scale_rows, packed_row_bytes(self.groups, spec.bits))
+        if spec.rotation:
+            shapes["signs"] = (1, packed_row_bytes(self.cols, 1))
         return shapes
 
 
@@ -90,6 +93,7 @@ class QuantizedTensor:
     spec: QuantSpec
     shape: torch.Size
     dtype: torch.dtype
+    signs: torch.Tensor | None = None
 
     @property
     def layout(self) -> BlockLayout:
@@ -107,8 +111,9 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         """Bytes stored: packed codes + scales + packed zero points."""
         total = self.packed.numel() + self.scale.numel() * self.scale.element_size()
-        if self.zero is not None:
-            total += self.zero.numel()
+        for extra in (self.zero, self.signs):
+            if extra is not None:
+                total += extra.numel()
         return total
 
     @property
@@ -130,7 +135,11 @@ class QuantizedTensor:
         return unpack(self.zero, self.spec.bits, lay.groups).to(torch.float32)
 
     def dequantize(
-        self, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None
+        self,
+        dtype: torch.dtype | None = None,
+        *,
+        out: torch.Tensor | None = None,
+        rotated: bool = False,
     ) -> torch.Tensor:
         """Restore the tensor: ``(grid_value(q) - zero) * scale``, shape ``shape``.
 
@@ -140,6 +149,8 @@ class QuantizedTensor:
         Args:
             dtype: output dtype; defaults to the original tensor's dtype.
             out: optional preallocated tensor of ``shape`` and ``dtype`` on this device to fill.
+            rotated: for a rotated spec, return ``W R^T`` (what the codes hold, what a layer
+                multiplies its rotated input with) instead of ``W``.
         """
         lay = self.layout
         out_dtype = dtype or (out.dtype if out is not None else self.dtype)
@@ -154,6 +165,10 @@ class QuantizedTensor:
             )
         if self.numel() == 0:
             return out.zero_()
+        if self.signs is not None and not rotated:
+            restored = self.dequantize(torch.float32, rotated=True).view(lay.rows, lay.cols)
+            restored = unrotate(restored, unpack_signs(self.signs, lay.cols))
+            return out.copy_(restored.view(self.shape))
         grid = get_grid(self.spec.grid)
         bits = self.spec.bits
         zero = self.zero_points().unsqueeze(-1)
@@ -187,6 +202,7 @@ class QuantizedTensor:
             self.spec,
             self.shape,
             self.dtype,
+            None if self.signs is None else self.signs.to(device),
         )
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -194,6 +210,8 @@ class QuantizedTensor:
         tensors = {"packed": self.packed, "scale": self.scale}
         if self.zero is not None:
             tensors["zero"] = self.zero
+        if self.signs is not None:
+            tensors["signs"] = self.signs
         return tensors
 
     def metadata(self) -> dict:
@@ -220,7 +238,7 @@ class QuantizedTensor:
             got = tuple(tensors[name].shape)
             if got != want:
                 raise ValueError(f"tensor {name!r} has shape {list(got)}, expected {list(want)}")
-        for name in ("packed", "zero"):
+        for name in ("packed", "zero", "signs"):
             if name in expected and tensors[name].dtype != torch.uint8:
                 raise ValueError(f"tensor {name!r} must be uint8, got {tensors[name].dtype}")
         if tensors["scale"].dtype != FLOAT_DTYPES[spec.scale_dtype]:
@@ -236,4 +254,5 @@ class QuantizedTensor:
             spec,
             shape,
             FLOAT_DTYPES[dtype_name],
+            tensors.get("signs") if spec.rotation else None,
         )

@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--scale-dtype", choices=SCALE_DTYPES, default="float16")
     q.add_argument(
+        "--zero-point",
+        choices=("int", "float"),
+        default="int",
+        help="asymmetric specs: integer zero point (default, packed at --bits bits) or a "
+        "--scale-dtype offset per group with the exact min/max range (Q4_1/HQQ style)",
+    )
+    q.add_argument(
         "--rotate",
         action="store_true",
         help="randomized Hadamard rotation of each layer's input dimension before quantizing",
@@ -158,19 +165,21 @@ def cli_specs(args) -> list[QuantSpec]:
             symmetric=symmetric,
             grid=grid,
             scale_dtype=args.scale_dtype,
+            zero_point=args.zero_point,
             rotation="hadamard" if args.rotate else None,
         )
         get_grid(grid).check_spec(spec)
         return spec
 
+    float_zero = args.zero_point == "float"
     if args.grid != "best":
         codebook = isinstance(get_grid(args.grid), CodebookGrid)
-        return [make(args.grid, args.symmetric or codebook)]
+        return [make(args.grid, args.symmetric or (codebook and not float_zero))]
     specs = [make("int", args.symmetric)]
     for name in available_grids():
         grid = get_grid(name)
         if isinstance(grid, CodebookGrid) and grid.min_bits <= args.bits <= grid.max_bits:
-            specs.append(make(name, True))
+            specs.append(make(name, args.symmetric or not float_zero))
     return specs
 
 

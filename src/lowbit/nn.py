@@ -80,7 +80,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", torch.ones(shapes["scale"], dtype=scale_dtype, device=device))
         zero = None
         if "zero" in shapes:
-            zero = torch.zeros(shapes["zero"], dtype=torch.uint8, device=device)
+            zero_dtype = scale_dtype if spec.zero_point == "float" else torch.uint8
+            zero = torch.zeros(shapes["zero"], dtype=zero_dtype, device=device)
         self.register_buffer("zero", zero)
         signs = None
         if "signs" in shapes:
@@ -256,15 +257,16 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        # Scales keep their stored dtype under model.half()/.to(dtype): a cast would change
-        # the quantized values and break the spec. Only their device follows.
+        # Scales (and float zero points) keep their stored dtype under model.half()/.to(dtype):
+        # a cast would change the quantized values and break the spec. Only the device follows.
         self._reset_caches()
-        scale = self._buffers.pop("scale")
+        kept = {name: self._buffers.pop(name) for name in ("scale", "zero")}
         try:
             result = super()._apply(fn, recurse)
         finally:
-            target = fn(torch.zeros(1, dtype=scale.dtype, device=scale.device)).device
-            self._buffers["scale"] = scale.to(target)
+            target = fn(torch.zeros(1, device=kept["scale"].device)).device
+            for name, tensor in kept.items():
+                self._buffers[name] = None if tensor is None else tensor.to(target)
         return result
 
     def extra_repr(self) -> str:

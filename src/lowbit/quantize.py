@@ -61,7 +61,8 @@ def quantize(tensor: torch.Tensor, spec: QuantSpec, *, name: str = "tensor") -> 
     shapes = layout.expected_shapes(spec)
     packed = torch.zeros(shapes["packed"], dtype=torch.uint8, device=device)
     scale = torch.ones(shapes["scale"], dtype=scale_dtype, device=device)
-    zero_codes = torch.zeros(shapes["scale"], dtype=torch.uint8, device=device)
+    # Zero points as float32 values (integer-valued for zero_point="int"), packed at the end.
+    zero_codes = torch.zeros(shapes["scale"], dtype=torch.float32, device=device)
     if matrix.numel():
         if spec.granularity == "tensor":
             # Fits work on float32 blocks: fp16 ranges overflow and bf16 scales are too coarse.
@@ -80,7 +81,12 @@ def quantize(tensor: torch.Tensor, spec: QuantSpec, *, name: str = "tensor") -> 
                 packed[r0:r1] = _encode_rows(
                     rows, scale[r0:r1], zero_codes[r0:r1], layout, grid, spec
                 )
-    zero = None if spec.symmetric else pack(zero_codes, spec.bits)
+    if spec.symmetric:
+        zero = None
+    elif spec.zero_point == "float":
+        zero = zero_codes.to(scale_dtype)  # exact: the values were rounded to it in the fit
+    else:
+        zero = pack(zero_codes.to(torch.uint8), spec.bits)
     if spec.rotation:
         signs = torch.ones(layout.cols, device=device) if signs is None else signs
         signs = pack_signs(signs)
@@ -99,7 +105,7 @@ def _row_chunks(layout: BlockLayout, device: torch.device):
 
 
 def _fit_blocks(blocks, grid, fit, spec, scale_dtype, name):
-    """Run the fit on float32 ``blocks [B, n]`` -> (stored scale [B], zero codes uint8 [B])."""
+    """Run the fit on float32 ``blocks [B, n]`` -> (stored scale [B], zero as stored, float32)."""
     # Fits propagate NaN/Inf of a block into its scale (their reductions do), so checking the
     # scales catches bad weights without another pass over the data.
     scale, zero = fit(blocks, grid, spec)
@@ -119,11 +125,14 @@ def _fit_blocks(blocks, grid, fit, spec, scale_dtype, name):
     tiny = torch.finfo(scale_dtype).tiny
     stored = torch.where(stored > 0, stored, torch.full_like(stored, tiny))
     if zero is None:
-        zero_codes = torch.full_like(stored, grid.center(spec.bits), dtype=torch.float32)
-    else:
-        vmin, vmax = grid.value_range(spec.bits)
-        zero_codes = zero.round().clamp_(vmin, vmax)
-    return stored, zero_codes.to(torch.uint8)
+        return stored, torch.full_like(stored, grid.center(spec.bits), dtype=torch.float32)
+    if spec.zero_point == "float":
+        stored_zero = zero.to(scale_dtype)
+        if not torch.isfinite(stored_zero).all():
+            raise ValueError(f"{name}: zero points overflow {spec.scale_dtype}")
+        return stored, stored_zero.to(torch.float32)
+    vmin, vmax = grid.value_range(spec.bits)
+    return stored, zero.round().clamp_(vmin, vmax)
 
 
 def _encode_rows(rows, scale, zero_codes, layout, grid, spec):

@@ -9,6 +9,7 @@ SPEC_VERSION = 1
 GRANULARITIES = ("tensor", "channel", "group")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 ROTATIONS = (None, "hadamard")
+ZERO_POINTS = ("int", "float")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class QuantSpec:
             and ``"minmax"`` otherwise.
         scale_dtype: storage type of the scales: ``"float16"`` (default, as HQQ and llama.cpp),
             ``"bfloat16"`` or ``"float32"``.
+        zero_point: for asymmetric specs, ``"int"`` (default: an integer code, packed at
+            ``bits`` bits, the min/max range stretched to include 0 so 0.0 is exact) or
+            ``"float"`` (a ``scale_dtype`` offset per block and the exact min/max range, as
+            llama.cpp's Q4_1 and HQQ store it; also what lets codebook grids be asymmetric).
         rotation: ``None`` or ``"hadamard"``: quantize ``W R^T`` with ``R`` a randomized
             block-diagonal Hadamard matrix (see `lowbit.rotation`); layers rotate their input
             to match. The random signs (from ``rotation_seed``) are stored with the weight.
@@ -45,6 +50,7 @@ class QuantSpec:
     grid: str = "int"
     fit: str | None = None
     scale_dtype: str = "float16"
+    zero_point: str = "int"
     rotation: str | None = None
     rotation_seed: int = 0
     version: int = SPEC_VERSION
@@ -87,6 +93,10 @@ class QuantSpec:
             raise ValueError(
                 f"QuantSpec.scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}"
             )
+        if self.zero_point not in ZERO_POINTS:
+            raise ValueError(
+                f"QuantSpec.zero_point must be one of {ZERO_POINTS}, got {self.zero_point!r}"
+            )
         if self.rotation not in ROTATIONS:
             raise ValueError(
                 f"QuantSpec.rotation must be one of {ROTATIONS}, got {self.rotation!r}"
@@ -103,7 +113,7 @@ class QuantSpec:
     def label(self) -> str:
         """Short human name, e.g. ``int4 g64 asym`` or ``int8 channel sym``."""
         layout = f"g{self.group_size}" if self.granularity == "group" else self.granularity
-        kind = "sym" if self.symmetric else "asym"
+        kind = "sym" if self.symmetric else "asym" + ("-f" if self.zero_point == "float" else "")
         extra = "" if self.fit in ("absmax", "minmax") else f" {self.fit}"
         extra += " rot" if self.rotation else ""
         return f"{self.grid}{self.bits} {layout} {kind}{extra}"

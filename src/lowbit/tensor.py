@@ -66,7 +66,9 @@ class BlockLayout:
             "packed": (self.rows, packed_row_bytes(self.cols, spec.bits)),
             "scale": (self.scale_rows, self.groups),
         }
-        if not spec.symmetric:
+        if not spec.symmetric and spec.zero_point == "float":
+            shapes["zero"] = (self.scale_rows, self.groups)
+        elif not spec.symmetric:
             shapes["zero"] = (self.scale_rows, packed_row_bytes(self.groups, spec.bits))
         if spec.rotation:
             shapes["signs"] = (1, packed_row_bytes(self.cols, 1))
@@ -113,7 +115,7 @@ class QuantizedTensor:
         total = self.packed.numel() + self.scale.numel() * self.scale.element_size()
         for extra in (self.zero, self.signs):
             if extra is not None:
-                total += extra.numel()
+                total += extra.numel() * extra.element_size()
         return total
 
     @property
@@ -132,6 +134,8 @@ class QuantizedTensor:
         if self.zero is None:
             center = get_grid(self.spec.grid).center(self.spec.bits)
             return torch.full((lay.scale_rows, lay.groups), center, device=self.device)
+        if self.spec.zero_point == "float":
+            return self.zero.to(torch.float32)
         return unpack(self.zero, self.spec.bits, lay.groups).to(torch.float32)
 
     def dequantize(
@@ -238,7 +242,8 @@ class QuantizedTensor:
             got = tuple(tensors[name].shape)
             if got != want:
                 raise ValueError(f"tensor {name!r} has shape {list(got)}, expected {list(want)}")
-        for name in ("packed", "zero", "signs"):
+        integer = ("packed", "signs") if spec.zero_point == "float" else ("packed", "zero", "signs")
+        for name in integer:
             if name in expected and tensors[name].dtype != torch.uint8:
                 raise ValueError(f"tensor {name!r} must be uint8, got {tensors[name].dtype}")
         if tensors["scale"].dtype != FLOAT_DTYPES[spec.scale_dtype]:
@@ -247,6 +252,13 @@ class QuantizedTensor:
             )
         if not torch.isfinite(tensors["scale"]).all():
             raise ValueError("tensor 'scale' contains NaN or Inf")
+        if "zero" in expected and spec.zero_point == "float":
+            if tensors["zero"].dtype != FLOAT_DTYPES[spec.scale_dtype]:
+                raise ValueError(
+                    f"tensor 'zero' has dtype {tensors['zero'].dtype}, spec says {spec.scale_dtype}"
+                )
+            if not torch.isfinite(tensors["zero"]).all():
+                raise ValueError("tensor 'zero' contains NaN or Inf")
         return cls(
             tensors["packed"],
             tensors["scale"],

@@ -13,16 +13,18 @@ from lowbit.spec import QuantSpec
 def fit_minmax(blocks: torch.Tensor, grid: Grid, spec: QuantSpec):
     """Stretch the grid over ``[min(x, 0), max(x, 0)]`` of each block.
 
-    The range always contains 0 so that the integer zero point lies on the grid and 0.0 is
-    restored exactly. The price: a block of one sign (all in [0.5, 1], say) spreads the grid
-    over [0, max] and uses only part of it. For a symmetric spec this falls back to ``absmax``.
+    With ``zero_point="int"`` the range always contains 0 so that the integer zero point lies on
+    the grid and 0.0 is restored exactly. The price: a block of one sign (all in [0.5, 1], say)
+    spreads the grid over [0, max] and uses only part of it. With ``zero_point="float"`` the
+    range is the block's own [min, max]. For a symmetric spec this falls back to ``absmax``.
     """
     if spec.symmetric:
         return fit_absmax(blocks, grid, spec)
     vmin, vmax = grid.value_range(spec.bits)
     lo, hi = torch.aminmax(blocks, dim=-1)
-    lo = lo.clamp(max=0.0)
-    hi = hi.clamp(min=0.0)
+    if spec.zero_point == "int":  # the integer zero point must lie on the grid
+        lo = lo.clamp(max=0.0)
+        hi = hi.clamp(min=0.0)
     scale = (hi - lo) / (vmax - vmin)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # NaN stays NaN
     zero = vmin - lo / scale

@@ -122,10 +122,10 @@ class CodebookGrid:
 
     def check_spec(self, spec: QuantSpec) -> None:
         self.check_bits(spec.bits)
-        if not spec.symmetric:
+        if not spec.symmetric and spec.zero_point != "float":
             raise ValueError(
-                f"grid {self.name!r} is a codebook and takes symmetric specs only "
-                f"(symmetric=True, no zero point)"
+                f"grid {self.name!r} is a codebook: it takes symmetric specs, or asymmetric ones "
+                f"with zero_point='float' (an integer zero point means nothing between its levels)"
             )
 
     def value_range(self, bits: int) -> tuple[float, float]:

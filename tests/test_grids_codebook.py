@@ -138,3 +138,17 @@ def test_all_inverse_cdfs_are_increasing():
     p = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
     for family, icdf in INVERSE_CDFS.items():
         assert torch.all(icdf(p)[1:] > icdf(p)[:-1]), family
+
+
+@pytest.mark.parametrize("name", ["exponential", "exponential-quantile", "gumbel"])
+def test_one_sided_codebooks_need_a_float_zero(name):
+    w = torch.randn(16, 64) * 0.02
+    with pytest.raises(ValueError, match="one-sided"):
+        lowbit.quantize(w, lowbit.QuantSpec(bits=4, group_size=32, symmetric=True, grid=name))
+    qt = lowbit.quantize(w, lowbit.QuantSpec(bits=4, group_size=32, grid=name, zero_point="float"))
+    assert ((qt.dequantize() - w).norm() / w.norm()) < 0.3
+
+
+def test_rotation_seed_range_is_checked():
+    with pytest.raises(ValueError, match="rotation_seed"):
+        lowbit.QuantSpec(rotation="hadamard", rotation_seed=2**64)

@@ -142,7 +142,7 @@ def test_fitted_scales_match_the_block_ranges(case):
         assert torch.all((zero >= 0) & (zero <= (1 << spec.bits) - 1))
         assert torch.equal(zero, zero.round())
     nonzero = exact > 0
-    assert torch.all(stored[~nonzero] == 1.0)
+    assert torch.all(stored[~nonzero] == 0.0)  # all-zero blocks: scale 0, exact zeros
     eps = SCALE_EPS[spec.scale_dtype]
     assert torch.all(stored[nonzero] >= exact[nonzero] * (1 - 1e-6))
     assert torch.all(stored[nonzero] <= exact[nonzero] * (1 + 2 * eps) + 2.0**-23)
@@ -218,7 +218,7 @@ def test_constant_tensors(granularity, symmetric, value, dtype):
     assert_within_half_step(w, qt)
     if value == 0.0:
         assert torch.equal(out, torch.zeros_like(w))
-        assert torch.all(qt.scale == 1)
+        assert torch.all(qt.scale == 0)  # all-zero blocks: scale 0
     else:
         assert torch.allclose(out.float(), w.float(), rtol=1e-2, atol=0)
         assert torch.all(out == out.flatten()[0])
@@ -435,7 +435,7 @@ def test_grid_registry():
 def test_minmax_fit_values():
     blocks = torch.tensor([[-1.0, 3.0], [0.0, 0.0], [2.0, 4.0], [-6.0, -3.0]])
     scale, zero = get_fit("minmax")(blocks, get_grid("int"), QuantSpec(bits=2))
-    assert torch.allclose(scale, torch.tensor([4 / 3, 1.0, 4 / 3, 2.0]))
+    assert torch.allclose(scale, torch.tensor([4 / 3, 0.0, 4 / 3, 2.0]))
     assert torch.allclose(zero, torch.tensor([0.75, 0.0, 0.0, 3.0]))
 
 
@@ -443,10 +443,10 @@ def test_absmax_fit_values():
     blocks = torch.tensor([[-1.0, 3.0], [0.0, 0.0], [2.0, -4.0]])
     grid = get_grid("int")
     scale, zero = get_fit("absmax")(blocks, grid, QuantSpec(bits=3, symmetric=True))
-    assert torch.allclose(scale, torch.tensor([1.0, 1.0, 4 / 3]))
+    assert torch.allclose(scale, torch.tensor([1.0, 0.0, 4 / 3]))
     assert zero is None
     scale, zero = get_fit("absmax")(blocks, grid, QuantSpec(bits=3, fit="absmax"))
-    assert torch.allclose(scale, torch.tensor([1.0, 1.0, 4 / 3]))
+    assert torch.allclose(scale, torch.tensor([1.0, 0.0, 4 / 3]))
     assert torch.equal(zero, torch.full((3,), 4.0))
     # minmax on a symmetric spec is absmax.
     scale_mm, zero_mm = get_fit("minmax")(blocks, grid, QuantSpec(bits=3, symmetric=True))

@@ -125,3 +125,13 @@ def test_bad_rotation_arguments():
         lowbit.QuantSpec(rotation="hadamard", rotation_seed=1.5)
     with pytest.raises(ValueError, match="positive"):
         hadamard_block(0)
+
+
+def test_rotation_on_odd_widths_is_reported():
+    model = nn.Sequential(nn.Linear(75, 16), nn.Linear(16, 8))
+    report = lowbit.quantize_model(
+        model, lowbit.QuantSpec(bits=8, rotation="hadamard"), progress=False
+    )
+    assert report.warnings == [
+        "layer '0': in_features 75 allows Hadamard blocks of only 1; the rotation does little there"
+    ]

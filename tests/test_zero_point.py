@@ -92,3 +92,34 @@ def test_bad_zero_point_arguments():
         QuantizedTensor.from_state({**tensors, "zero": bad}, qt.metadata())
     with pytest.raises(ValueError, match="zero_point='float'"):
         lowbit.quantize(torch.randn(4, 32), lowbit.QuantSpec(bits=4, grid="nf4"))
+
+
+@pytest.mark.parametrize("offset", [1.0, 10.0, -300.0])
+def test_float_zero_stays_within_half_a_step_far_from_zero(offset):
+    # A zero point stored in code units would lose whole steps here; the value offset does not.
+    w = torch.randn(8, 256) * 0.01 + offset
+    qt = lowbit.quantize(w, lowbit.QuantSpec(bits=8, zero_point="float"))
+    step = qt.scale.float()
+    # float32 arithmetic on a zero of ~3e5 code units (offset -300) costs ~2% of a step.
+    assert ((qt.dequantize() - w).abs() <= step * 0.5 * 1.05).all()
+
+
+def test_all_zero_blocks_are_exact_on_every_grid():
+    from lowbit.grids import CodebookGrid, available_grids, get_grid
+
+    w = torch.randn(4, 64) * 0.02
+    w[1] = 0
+    for name in available_grids():
+        grid = get_grid(name)
+        bits = 4 if grid.min_bits <= 4 <= grid.max_bits else grid.min_bits
+        variants = [("float", False)]
+        if not isinstance(grid, CodebookGrid) or grid.two_sided(bits):
+            variants.append(("int", True))
+        if not isinstance(grid, CodebookGrid):
+            variants.append(("int", False))
+        for zero_point, symmetric in variants:
+            spec = lowbit.QuantSpec(
+                bits=bits, grid=name, group_size=32, zero_point=zero_point, symmetric=symmetric
+            )
+            restored = lowbit.quantize(w, spec).dequantize()
+            assert torch.equal(restored[1], torch.zeros(64)), spec.label

@@ -172,14 +172,27 @@ def cli_specs(args) -> list[QuantSpec]:
         return spec
 
     float_zero = args.zero_point == "float"
+
+    def make_codebook(name: str) -> QuantSpec:
+        # Codebooks take symmetric specs, or a float zero point (one-sided ones always).
+        if args.symmetric or (not float_zero and get_grid(name).two_sided(args.bits)):
+            return make(name, True)
+        args_zero, args.zero_point = args.zero_point, "float"
+        try:
+            return make(name, False)
+        finally:
+            args.zero_point = args_zero
+
     if args.grid != "best":
-        codebook = isinstance(get_grid(args.grid), CodebookGrid)
-        return [make(args.grid, args.symmetric or (codebook and not float_zero))]
+        if isinstance(get_grid(args.grid), CodebookGrid):
+            get_grid(args.grid).check_bits(args.bits)
+            return [make_codebook(args.grid)]
+        return [make(args.grid, args.symmetric)]
     specs = [make("int", args.symmetric)]
     for name in available_grids():
         grid = get_grid(name)
         if isinstance(grid, CodebookGrid) and grid.min_bits <= args.bits <= grid.max_bits:
-            specs.append(make(name, args.symmetric or not float_zero))
+            specs.append(make_codebook(name))
     return specs
 
 

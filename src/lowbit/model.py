@@ -14,7 +14,11 @@ from tqdm.auto import tqdm
 from lowbit.nn import QuantLinear
 from lowbit.quantize import quantize
 from lowbit.report import LayerReport, Report
+from lowbit.rotation import hadamard_block
 from lowbit.spec import QuantSpec
+
+# Below this block size a Hadamard rotation mixes too few inputs to spread outliers.
+MIN_USEFUL_HADAMARD = 16
 
 Rules = QuantSpec | Mapping[str, "QuantSpec | None | Sequence[QuantSpec]"]
 
@@ -153,6 +157,7 @@ def quantize_model(
 
     tied = _tied_owners(model)
     used_patterns: set[str] = set()
+    rotation_notes: list[str] = []
     plan: list[tuple[str, nn.Module, torch.Tensor, tuple[QuantSpec, ...]]] = []
     for name, module in model.named_modules():
         weight = linear_weight(module)
@@ -184,6 +189,11 @@ def quantize_model(
             report.layers.append(LayerReport(name, shape, None, _float_bits(module), skipped=skip))
             continue
         for spec in specs:
+            if spec.rotation and hadamard_block(shape[1]) < MIN_USEFUL_HADAMARD:
+                rotation_notes.append(
+                    f"layer {name!r}: in_features {shape[1]} allows Hadamard blocks of only "
+                    f"{hadamard_block(shape[1])}; the rotation does little there"
+                )
             if spec.granularity == "group" and shape[1] % spec.group_size:
                 raise ValueError(
                     f"layer {name!r}: in_features {shape[1]} not divisible by "
@@ -194,6 +204,7 @@ def quantize_model(
     report.warnings = [
         f"pattern {p!r} matched no layer" for p in patterns if p not in used_patterns
     ]
+    report.warnings += list(dict.fromkeys(rotation_notes))
 
     # Quantize everything first and swap afterwards, so an error leaves the model untouched.
     replacements: list[tuple[str, QuantLinear]] = []

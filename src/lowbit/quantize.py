@@ -61,32 +61,37 @@ def quantize(tensor: torch.Tensor, spec: QuantSpec, *, name: str = "tensor") -> 
     shapes = layout.expected_shapes(spec)
     packed = torch.zeros(shapes["packed"], dtype=torch.uint8, device=device)
     scale = torch.ones(shapes["scale"], dtype=scale_dtype, device=device)
-    # Zero points as float32 values (integer-valued for zero_point="int"), packed at the end.
+    # Zero points in code units (what encoding uses) and as they will be stored.
     zero_codes = torch.zeros(shapes["scale"], dtype=torch.float32, device=device)
+    zero_stored = torch.zeros(shapes["scale"], dtype=torch.float32, device=device)
     if matrix.numel():
         if spec.granularity == "tensor":
             # Fits work on float32 blocks: fp16 ranges overflow and bf16 scales are too coarse.
             blocks = matrix.reshape(1, -1).to(torch.float32)
-            scale[:], zero = _fit_blocks(blocks, grid, fit, spec, scale_dtype, name)
+            scale[:], zero, kept = _fit_blocks(blocks, grid, fit, spec, scale_dtype, name)
             zero_codes[:] = zero
+            if kept is not None:
+                zero_stored[:] = kept
             for r0, r1 in _row_chunks(layout, device):
                 packed[r0:r1] = _encode_rows(matrix[r0:r1], scale, zero_codes, layout, grid, spec)
         else:
             for r0, r1 in _row_chunks(layout, device):
                 rows = matrix[r0:r1]
                 blocks = rows.to(torch.float32).reshape(-1, layout.group_len)
-                s, z = _fit_blocks(blocks, grid, fit, spec, scale_dtype, name)
+                s, z, kept = _fit_blocks(blocks, grid, fit, spec, scale_dtype, name)
                 scale[r0:r1] = s.view(r1 - r0, layout.groups)
                 zero_codes[r0:r1] = z.view(r1 - r0, layout.groups)
+                if kept is not None:
+                    zero_stored[r0:r1] = kept.view(r1 - r0, layout.groups)
                 packed[r0:r1] = _encode_rows(
                     rows, scale[r0:r1], zero_codes[r0:r1], layout, grid, spec
                 )
     if spec.symmetric:
         zero = None
     elif spec.zero_point == "float":
-        zero = zero_codes.to(scale_dtype)  # exact: the values were rounded to it in the fit
+        zero = zero_stored.to(scale_dtype)  # exact: the offsets were rounded to it in the fit
     else:
-        zero = pack(zero_codes.to(torch.uint8), spec.bits)
+        zero = pack(zero_stored.to(torch.uint8), spec.bits)
     if spec.rotation:
         signs = torch.ones(layout.cols, device=device) if signs is None else signs
         signs = pack_signs(signs)
@@ -105,40 +110,83 @@ def _row_chunks(layout: BlockLayout, device: torch.device):
 
 
 def _fit_blocks(blocks, grid, fit, spec, scale_dtype, name):
-    """Run the fit on float32 ``blocks [B, n]`` -> (stored scale [B], zero as stored, float32)."""
+    """Run the fit on float32 ``blocks [B, n]``.
+
+    Returns (stored scale [B] in ``scale_dtype``, zero [B] float32 in code units as dequantization
+    will see it, stored zero [B] or None): the stored zero is the integer code (``"int"``) or,
+    for ``zero_point="float"``, the block's lowest representable value ``m`` in ``scale_dtype``
+    (a value offset stays well conditioned where a zero in code units would not).
+    """
     # Fits propagate NaN/Inf of a block into its scale (their reductions do), so checking the
     # scales catches bad weights without another pass over the data.
     scale, zero = fit(blocks, grid, spec)
     if not (torch.isfinite(scale).all() and (zero is None or torch.isfinite(zero).all())):
         raise ValueError(f"{name} contains NaN or Inf; clean the weights before quantizing")
-    stored = scale.to(scale_dtype)
-    # Never store a scale smaller than the fit's: the block's range would no longer fit on the
-    # grid and its extremes would be clipped by more than half a step. Bump those to the next
-    # representable value (positive floats order like their bit patterns).
-    low = stored.to(torch.float32) < scale
-    if scale_dtype != torch.float32 and low.any():
-        bumped = (stored.view(torch.int16) + 1).view(scale_dtype)
-        stored = torch.where(low, bumped, stored)
+    vmin, vmax = grid.value_range(spec.bits)
+    offset = None
+    if zero is not None and spec.zero_point == "float":
+        # Store the range's low end rounded *down*, then widen the scale to still reach the
+        # high end: every weight stays within half a step after both roundings.
+        low_end = (vmin - zero) * scale
+        high_end = (vmax - zero) * scale
+        offset = _round_down(low_end, scale_dtype)
+        if not torch.isfinite(offset).all():
+            raise ValueError(
+                f"{name}: offsets overflow {spec.scale_dtype}; use scale_dtype='float32'"
+            )
+        scale = torch.where(scale > 0, (high_end - offset.float()) / (vmax - vmin), scale)
+    stored = _round_up(scale, scale_dtype)
     if not torch.isfinite(stored).all():
         raise ValueError(f"{name}: scales overflow {spec.scale_dtype}; use scale_dtype='float32'")
-    # A scale that underflows to 0 in float16 would make every code meaningless.
+    # A scale that underflows to 0 would make the block's codes meaningless; a fitted 0 (an
+    # all-zero block) stays 0 and restores exact zeros whatever the grid's levels.
     tiny = torch.finfo(scale_dtype).tiny
-    stored = torch.where(stored > 0, stored, torch.full_like(stored, tiny))
+    stored = torch.where((stored == 0) & (scale > 0), torch.full_like(stored, tiny), stored)
     if zero is None:
-        return stored, torch.full_like(stored, grid.center(spec.bits), dtype=torch.float32)
-    if spec.zero_point == "float":
-        stored_zero = zero.to(scale_dtype)
-        if not torch.isfinite(stored_zero).all():
-            raise ValueError(f"{name}: zero points overflow {spec.scale_dtype}")
-        return stored, stored_zero.to(torch.float32)
-    vmin, vmax = grid.value_range(spec.bits)
-    return stored, zero.round().clamp_(vmin, vmax)
+        return stored, torch.full_like(stored, grid.center(spec.bits), dtype=torch.float32), None
+    if offset is not None:
+        return stored, float_zero(offset, stored, vmin), offset
+    zero = zero.round().clamp_(vmin, vmax)
+    return stored, zero, zero
+
+
+def float_zero(offset: torch.Tensor, scale: torch.Tensor, vmin: float) -> torch.Tensor:
+    """Zero point in code units, float32, from a value offset ``m`` (the block's value at the
+    lowest code): ``vmin - m / scale``, and ``vmin`` where the scale is 0."""
+    scale = scale.to(torch.float32)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(
+        scale > 0, vmin - offset.to(torch.float32) / safe, torch.full_like(scale, vmin)
+    )
+
+
+def _round_up(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` (>= 0) in ``dtype``, never below the float32 value."""
+    stored = values.to(dtype)
+    if dtype != torch.float32:
+        low = stored.to(torch.float32) < values
+        if low.any():  # positive floats order like their bit patterns: one ulp up
+            stored = torch.where(low, (stored.view(torch.int16) + 1).view(dtype), stored)
+    return stored
+
+
+def _round_down(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` in ``dtype``, never above the float32 value."""
+    stored = values.to(dtype)
+    high = stored.to(torch.float32) > values
+    if high.any():
+        stored = torch.where(
+            high, torch.nextafter(stored, torch.full_like(stored, -torch.inf)), stored
+        )
+    return stored
 
 
 def _encode_rows(rows, scale, zero_codes, layout, grid, spec):
     """Codes for ``rows [r, cols]`` given their scales/zeros ``[r or 1, G]`` -> packed uint8."""
     r = rows.shape[0]
-    inv = scale.to(torch.float32).reciprocal().unsqueeze(-1)
+    scale32 = scale.to(torch.float32)
+    # An all-zero block has scale 0: every weight maps to the zero point, restored as 0.
+    inv = torch.where(scale32 > 0, scale32.reciprocal(), torch.zeros_like(scale32)).unsqueeze(-1)
     zero = zero_codes.to(torch.float32).unsqueeze(-1)
     blocks = rows.reshape(r, layout.groups, layout.group_len)
     normalized = torch.addcmul(zero, blocks.to(torch.float32), inv)

@@ -103,6 +103,10 @@ class QuantSpec:
             )
         if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int):
             raise TypeError(f"QuantSpec.rotation_seed must be an int, got {self.rotation_seed!r}")
+        if not 0 <= self.rotation_seed < 2**63:
+            raise ValueError(
+                f"QuantSpec.rotation_seed must be in [0, 2**63), got {self.rotation_seed}"
+            )
         if self.version != SPEC_VERSION:
             raise ValueError(
                 f"QuantSpec.version {self.version} is not supported "

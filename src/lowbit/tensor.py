@@ -135,7 +135,12 @@ class QuantizedTensor:
             center = get_grid(self.spec.grid).center(self.spec.bits)
             return torch.full((lay.scale_rows, lay.groups), center, device=self.device)
         if self.spec.zero_point == "float":
-            return self.zero.to(torch.float32)
+            # Stored as the block's value at the lowest code (see quantize.float_zero).
+            vmin, _ = get_grid(self.spec.grid).value_range(self.spec.bits)
+            scale = self.scale.to(torch.float32)
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            zero = vmin - self.zero.to(torch.float32) / safe
+            return torch.where(scale > 0, zero, torch.full_like(zero, vmin))
         return unpack(self.zero, self.spec.bits, lay.groups).to(torch.float32)
 
     def dequantize(

@@ -22,12 +22,14 @@ def fit_minmax(blocks: torch.Tensor, grid: Grid, spec: QuantSpec):
         return fit_absmax(blocks, grid, spec)
     vmin, vmax = grid.value_range(spec.bits)
     lo, hi = torch.aminmax(blocks, dim=-1)
-    if spec.zero_point == "int":  # the integer zero point must lie on the grid
-        lo = lo.clamp(max=0.0)
-        hi = hi.clamp(min=0.0)
-    scale = (hi - lo) / (vmax - vmin)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # NaN stays NaN
-    zero = vmin - lo / scale
+    # The integer zero point must lie on the grid: include 0. A constant block gets [c, 0] or
+    # [0, c] either way, so that only all-zero blocks are left with an empty range.
+    include_zero = torch.ones_like(lo, dtype=torch.bool) if spec.zero_point == "int" else lo == hi
+    lo = torch.where(include_zero, lo.clamp(max=0.0), lo)
+    hi = torch.where(include_zero, hi.clamp(min=0.0), hi)
+    scale = (hi - lo) / (vmax - vmin)  # 0 for an all-zero block: quantize restores exact zeros
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # NaN stays NaN
+    zero = vmin - lo / safe
     return scale, zero
 
 
@@ -40,7 +42,6 @@ def fit_absmax(blocks: torch.Tensor, grid: Grid, spec: QuantSpec):
     _, vmax = grid.value_range(spec.bits)
     center = grid.center(spec.bits)
     absmax = blocks.abs().amax(dim=-1)
-    scale = absmax / (vmax - center)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # NaN stays NaN
+    scale = absmax / (vmax - center)  # 0 for an all-zero block: quantize restores exact zeros
     zero = None if spec.symmetric else torch.full_like(scale, center)
     return scale, zero

@@ -3,7 +3,8 @@
 A fit is a pure function ``fit(blocks, grid, spec) -> (scale, zero)``:
 
 * ``blocks``: float32 ``[B, n]``, one row per block (a tensor, an output channel or a group);
-* ``scale``: float32 ``[B]``, positive (blocks of zeros get 1.0); a block holding NaN or Inf
+* ``scale``: float32 ``[B]``, positive, or 0 for an all-zero block (restored as exact zeros on
+  any grid, also codebooks without a zero level); a block holding NaN or Inf
   must get a non-finite scale (reductions such as ``amax`` propagate them), which is how
   ``quantize`` detects bad weights without another pass over the data;
 * ``zero``: float32 ``[B]`` in grid value units for asymmetric specs (rounded later), or ``None``

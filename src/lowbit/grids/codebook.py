@@ -127,6 +127,17 @@ class CodebookGrid:
                 f"grid {self.name!r} is a codebook: it takes symmetric specs, or asymmetric ones "
                 f"with zero_point='float' (an integer zero point means nothing between its levels)"
             )
+        if spec.symmetric and not self.two_sided(spec.bits):
+            raise ValueError(
+                f"grid {self.name!r} is one-sided at {spec.bits} bits (levels from "
+                f"{self.value_range(spec.bits)[0]:.3f} to 1): a symmetric scale would send every "
+                f"negative weight to the lowest level; use symmetric=False, zero_point='float'"
+            )
+
+    def two_sided(self, bits: int) -> bool:
+        """Whether the levels reach -1 as well as 1 (symmetric scaling makes sense)."""
+        low, high = self.value_range(bits)
+        return low <= -0.99 and high >= 0.99
 
     def value_range(self, bits: int) -> tuple[float, float]:
         levels = self.levels(bits)

@@ -24,9 +24,12 @@ def fit_minmax(blocks: torch.Tensor, grid: Grid, spec: QuantSpec):
     lo, hi = torch.aminmax(blocks, dim=-1)
     # The integer zero point must lie on the grid: include 0. A constant block gets [c, 0] or
     # [0, c] either way, so that only all-zero blocks are left with an empty range.
-    include_zero = torch.ones_like(lo, dtype=torch.bool) if spec.zero_point == "int" else lo == hi
-    lo = torch.where(include_zero, lo.clamp(max=0.0), lo)
-    hi = torch.where(include_zero, hi.clamp(min=0.0), hi)
+    if spec.zero_point == "int":
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    else:
+        constant = lo == hi
+        lo = torch.where(constant, lo.clamp(max=0.0), lo)
+        hi = torch.where(constant, hi.clamp(min=0.0), hi)
     scale = (hi - lo) / (vmax - vmin)  # 0 for an all-zero block: quantize restores exact zeros
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # NaN stays NaN
     zero = vmin - lo / safe

@@ -13,6 +13,7 @@ DEFAULT_EXCLUDE = ["lm_head"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``lowbit`` command (subcommands quantize and eval)."""
     parser = argparse.ArgumentParser(prog="lowbit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: run ``lowbit`` with ``argv``; returns the exit code (2 on bad input)."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "quantize":
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_quantize(args) -> int:
+    """``lowbit quantize``: load, quantize, print the report, save with ``--out``."""
     from lowbit.io.hf import load_pretrained, save_quantized
     from lowbit.model import quantize_model
     from lowbit.models import resolve_model
@@ -197,6 +200,7 @@ def cli_specs(args) -> list[QuantSpec]:
 
 
 def cmd_eval(args) -> int:
+    """``lowbit eval``: perplexity and size of the baseline and each saved directory."""
     from lowbit.eval import eval_tokens, perplexity
     from lowbit.io import read_manifest
     from lowbit.io.hf import is_causal_lm, load_pretrained, load_quantized

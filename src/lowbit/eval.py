@@ -48,6 +48,8 @@ def eval_tokens(
 
 @dataclass
 class PerplexityResult:
+    """Perplexity, number of scored tokens and seconds taken."""
+
     perplexity: float
     tokens: int
     seconds: float

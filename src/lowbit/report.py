@@ -38,14 +38,17 @@ class Report:
 
     @property
     def quantized(self) -> list[LayerReport]:
+        """Rows of the layers that were quantized."""
         return [row for row in self.layers if row.skipped is None]
 
     @property
     def skipped(self) -> list[LayerReport]:
+        """Rows of the layers kept in full precision, with the reason."""
         return [row for row in self.layers if row.skipped is not None]
 
     @property
     def avg_bits_per_weight(self) -> float:
+        """Stored bits per weight over the quantized layers, weighted by size."""
         rows = self.quantized
         weights = sum(_numel(r.shape) for r in rows)
         if not weights:
@@ -54,6 +57,7 @@ class Report:
 
     @property
     def mean_rel_error(self) -> float:
+        """Mean relative Frobenius error over the quantized layers."""
         rows = self.quantized
         return sum(r.rel_error for r in rows) / len(rows) if rows else 0.0
 
@@ -74,6 +78,7 @@ class Report:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
+        """``to_dict()`` as strict JSON text."""
         return json.dumps(self.to_dict(), indent=indent)
 
     def table(self, max_rows: int | None = None) -> str:

@@ -41,6 +41,7 @@ class BlockLayout:
 
     @classmethod
     def of(cls, shape: tuple[int, ...], spec: QuantSpec) -> BlockLayout:
+        """The layout of a tensor of ``shape`` under ``spec`` (ValueError if groups do not fit)."""
         shape = tuple(shape)
         if len(shape) == 0:
             rows, cols = 1, 1
@@ -99,10 +100,12 @@ class QuantizedTensor:
 
     @property
     def layout(self) -> BlockLayout:
+        """The `BlockLayout` of this tensor."""
         return BlockLayout.of(self.shape, self.spec)
 
     @property
     def device(self) -> torch.device:
+        """The device the codes live on."""
         return self.packed.device
 
     def numel(self) -> int:

@@ -107,14 +107,17 @@ class W8A16LinearLayer(QuantLinear):
 
     @property
     def int8_weights(self) -> torch.Tensor:
+        """int8 codes ``[out, in]`` (SmolQuant's buffer name; read-only)."""
         return (self.packed.to(torch.int16) - 128).to(torch.int8)
 
     @property
     def scales(self) -> torch.Tensor:
+        """float32 per-row scales ``[out]`` (read-only)."""
         return self.scale.reshape(-1)
 
     @property
     def zero_point(self) -> torch.Tensor:
+        """int32 per-row zero points ``[out]``, in ``[-128, 127]`` (read-only)."""
         return unpack(self.zero, 8, 1).reshape(-1).to(torch.int32) - 128
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

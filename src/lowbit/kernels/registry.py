@@ -24,6 +24,8 @@ from lowbit.tensor import QuantizedTensor
 
 @dataclass(frozen=True)
 class Kernel:
+    """A weight-only matmul for some formats (fields described in the module docstring)."""
+
     name: str
     supports: Callable[[QuantizedTensor, torch.device], bool]
     prepare: Callable[[QuantizedTensor], dict[str, torch.Tensor]]

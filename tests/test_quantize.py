@@ -21,6 +21,16 @@ quantize_module = importlib.import_module("lowbit.quantize")
 SCALE_EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-22}
 
 
+def layout_spec(bits: int, granularity: str, symmetric: bool = False) -> QuantSpec:
+    """A spec of ``granularity`` (groups of 4 when grouped)."""
+    return QuantSpec(
+        bits=bits,
+        granularity=granularity,
+        group_size=4 if granularity == "group" else None,
+        symmetric=symmetric,
+    )
+
+
 def blocks_of(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """The float32 blocks ``[B, n]`` the spec cuts ``w`` into, computed from the docs."""
     rows = w.shape[0] if w.dim() else 1
@@ -168,9 +178,7 @@ def test_values_on_the_grid_restore_exactly(bits, symmetric, dtype):
 @pytest.mark.parametrize("shape", [(0, 8), (8, 0), (0, 0), (0,), (2, 0, 4), (0, 3, 4)])
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_empty_tensors(granularity, shape, dtype):
-    spec = QuantSpec(
-        bits=4, granularity=granularity, group_size=4 if granularity == "group" else None
-    )
+    spec = layout_spec(4, granularity)
     if granularity == "group" and shape == (2, 0, 4):
         spec = QuantSpec(bits=4, group_size=1)
     w = torch.empty(shape, dtype=dtype)
@@ -206,12 +214,7 @@ def test_one_element(shape, granularity, symmetric, value):
 @pytest.mark.parametrize("value", [0.0, 3.0, -2.5, 1e-3, -0.0])
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_constant_tensors(granularity, symmetric, value, dtype):
-    spec = QuantSpec(
-        bits=2,
-        granularity=granularity,
-        group_size=4 if granularity == "group" else None,
-        symmetric=symmetric,
-    )
+    spec = layout_spec(2, granularity, symmetric)
     w = torch.full((3, 8), value, dtype=dtype)
     qt = quantize(w, spec)
     out = qt.dequantize()
@@ -266,12 +269,7 @@ def test_any_rank_is_viewed_as_first_dim_by_rest():
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_chunked_rows_give_the_same_result(monkeypatch, granularity, symmetric):
-    spec = QuantSpec(
-        bits=3,
-        granularity=granularity,
-        group_size=4 if granularity == "group" else None,
-        symmetric=symmetric,
-    )
+    spec = layout_spec(3, granularity, symmetric)
     w = torch.randn(11, 12)
     whole = quantize(w, spec)
     monkeypatch.setattr(quantize_module, "CHUNK_ELEMENTS", 20)
@@ -309,12 +307,7 @@ def test_scales_that_underflow_the_scale_dtype_stay_positive():
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_nan_and_inf_are_rejected(bad, granularity, symmetric, dtype):
-    spec = QuantSpec(
-        bits=4,
-        granularity=granularity,
-        group_size=4 if granularity == "group" else None,
-        symmetric=symmetric,
-    )
+    spec = layout_spec(4, granularity, symmetric)
     w = torch.randn(6, 8)
     w[3, 5] = bad
     w = w.to(dtype)

@@ -294,3 +294,45 @@ def test_bad_grid_arguments_fail_before_loading(tiny_llama_dir, tmp_path, capsys
     assert main([*argv, "--grid", "nf5"]) == 2
     assert "unknown grid 'nf5'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "fit,options", [("mse", []), ("hqq", ["iterations=5"]), ("entropy", ["source=residual"])]
+)
+def test_fit_options_and_calibration(tiny_llama_dir, tmp_path, capsys, fit, options):
+    out = tmp_path / fit
+    argv = ["quantize", "--model", str(tiny_llama_dir), "--bits", "3", "--group-size", "32"]
+    argv += ["--fit", fit, "--calibrate", "2", "--zero-point", "float", "--out", str(out)]
+    for option in options:
+        argv += ["--fit-option", option]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "calibrating on 2 x 512 tokens of Tiny Shakespeare" in printed
+    assert "codes' entropy" in printed and "H bits" in printed
+    specs = [info["spec"] for info in read_manifest(out)["layers"].values()]
+    assert {s["fit"] for s in specs} == {fit}
+    if options:
+        name, value = options[0].split("=")
+        assert all(str(s["fit_options"][name]) == value for s in specs)
+    loaded, _ = load_quantized(out)
+    with torch.inference_mode():
+        assert torch.isfinite(loaded(input_ids=torch.arange(10)[None]).logits).all()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--fit", "nope"], "unknown fit 'nope'"),
+        (["--fit", "mse", "--fit-option", "bogus=1"], "has no option(s) ['bogus']"),
+        (["--fit", "mse", "--fit-option", "candidates"], "expects NAME=VALUE"),
+        (["--fit", "mse", "--fit-option", "candidates=x"], "must be int"),
+        (["--calibrate", "2"], "needs a searching fit"),
+        (["--fit", "mse", "--calibrate", "-1"], "--calibrate must be >= 0"),
+    ],
+)
+def test_bad_fit_arguments(tiny_llama_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "x"
+    argv = ["quantize", "--model", str(tiny_llama_dir), *args, "--out", str(out)]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

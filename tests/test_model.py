@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit import QuantLinear, QuantSpec, Report, quantize_model
+from lowbit import QuantLinear, QuantSpec, Report, quantize, quantize_model
 from lowbit.model import match_pattern, model_bytes, resolve_specs, weight_error
 
 S2 = QuantSpec(bits=2, group_size=8)
@@ -523,3 +523,28 @@ def test_candidate_specs_keep_the_most_accurate():
     for row in report.quantized:
         layer = model.get_submodule(row.name)
         assert layer.spec == S8
+
+
+def test_report_code_entropy(quantized_lm):
+    model, report, _, _, _ = quantized_lm
+    from lowbit.entropy import code_histogram, entropy_bits
+
+    for row in report.quantized:
+        layer = model.get_submodule(row.name)
+        codes = layer.quantized_weight.codes()
+        counts = code_histogram(codes, 1 << layer.spec.bits)
+        assert row.code_entropy == pytest.approx(entropy_bits(counts).item(), abs=1e-5)
+        assert 0.0 <= row.code_entropy <= layer.spec.bits + 1e-6
+    sizes = [r.shape[0] * r.shape[1] for r in report.quantized]
+    expected = sum(r.code_entropy * n for r, n in zip(report.quantized, sizes, strict=True))
+    assert report.avg_code_entropy == pytest.approx(expected / sum(sizes))
+    assert report.to_dict()["totals"]["avg_code_entropy"] == report.avg_code_entropy
+    assert "codes' entropy" in report.table() and "H bits" in report.table()
+
+
+def test_code_entropy_of_known_codes():
+    # Codes 0..15 equally often: 4 bits; a constant tensor: one code, 0 bits.
+    w = torch.arange(16, dtype=torch.float32).repeat(4, 2)
+    qt = quantize(w, QuantSpec(bits=4, granularity="tensor"))
+    assert qt.code_entropy() == pytest.approx(4.0)
+    assert quantize(torch.ones(4, 32), QuantSpec(bits=4)).code_entropy() == 0.0

@@ -354,8 +354,8 @@ def test_group_size_must_divide_the_row(shape):
 def test_unknown_grid_and_fit():
     with pytest.raises(ValueError, match="unknown grid 'nf'"):
         quantize(torch.randn(2, 4), QuantSpec(bits=4, grid="nf"))
-    with pytest.raises(ValueError, match="unknown fit 'mse'"):
-        quantize(torch.randn(2, 4), QuantSpec(bits=4, fit="mse"))
+    with pytest.raises(ValueError, match="unknown fit 'no-such-fit'"):
+        quantize(torch.randn(2, 4), QuantSpec(bits=4, fit="no-such-fit"))
 
 
 def test_returned_tensor_describes_the_input():

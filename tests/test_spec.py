@@ -151,3 +151,31 @@ def test_other_field_validation():
         QuantSpec(scale_dtype="float64")
     with pytest.raises(ValueError, match="version"):
         QuantSpec(version=0)
+
+
+def test_fit_options_are_normalised_hashable_and_round_trip():
+    spec = QuantSpec(bits=4, fit="mse", fit_options={"refits": 1, "candidates": 20})
+    assert spec.fit_options == (("candidates", 20), ("refits", 1))
+    assert spec.options == {"candidates": 20, "refits": 1}
+    hash(spec)
+    data = spec.to_dict()
+    assert data["fit_options"] == {"candidates": 20, "refits": 1}
+    assert QuantSpec.from_dict(data) == spec
+    assert QuantSpec.from_dict(QuantSpec(bits=4).to_dict()).fit_options is None
+    assert QuantSpec(bits=4, fit_options={}).fit_options is None
+    assert "mse" in spec.label
+
+
+@pytest.mark.parametrize(
+    "options,err",
+    [
+        ([1, 2], TypeError),
+        ({1: 2}, TypeError),
+        ({"a": [1]}, TypeError),
+        ({"a": float("nan")}, ValueError),
+        ("candidates=3", TypeError),
+    ],
+)
+def test_bad_fit_options(options, err):
+    with pytest.raises(err, match="fit_options"):
+        QuantSpec(bits=4, fit="mse", fit_options=options)

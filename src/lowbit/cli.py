@@ -45,6 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
         "codebook of that width per layer and keep the smallest error. Codebooks imply "
         "--symmetric.",
     )
+    q.add_argument(
+        "--fit",
+        default=None,
+        help="scale search: minmax (default; absmax when --symmetric), mse (clipping search, "
+        "best accuracy), hqq (half-quadratic), entropy (error + entropy of the codes), "
+        "percentile",
+    )
+    q.add_argument(
+        "--fit-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the fit, e.g. candidates=50 or entropy_weight=0.02 (repeatable)",
+    )
+    q.add_argument(
+        "--calibrate",
+        type=int,
+        default=0,
+        metavar="WINDOWS",
+        help="weight each layer's error by the mean squared input activations measured on "
+        "this many 512-token windows of Tiny Shakespeare (searching fits only; default 0: "
+        "data-free)",
+    )
     q.add_argument("--scale-dtype", choices=SCALE_DTYPES, default="float16")
     q.add_argument(
         "--zero-point",
@@ -111,6 +134,8 @@ def cmd_quantize(args) -> int:
 
     specs = cli_specs(args)
     spec = specs[0]
+    if args.calibrate < 0:
+        raise ValueError(f"--calibrate must be >= 0, got {args.calibrate}")
     exclude = DEFAULT_EXCLUDE if args.exclude is None else args.exclude
     source = resolve_model(args.model)
     label = (
@@ -130,7 +155,24 @@ def cmd_quantize(args) -> int:
             raise FileExistsError(f"--out {args.out!r} exists and is not a lowbit checkpoint")
     model, tokenizer = load_pretrained(source)
     rules = {"*": specs} if len(specs) > 1 else spec
-    report = quantize_model(model, rules, exclude=exclude, quantize_tied=args.quantize_tied)
+    importance = None
+    if args.calibrate:
+        from lowbit.calibrate import calibration_batches, input_importance
+
+        if spec.fit in ("minmax", "absmax", "percentile"):
+            raise ValueError(
+                f"--calibrate needs a searching fit (--fit mse, hqq or entropy); {spec.fit!r} "
+                "does not use importance"
+            )
+        print(f"calibrating on {args.calibrate} x 512 tokens of Tiny Shakespeare")
+        importance = input_importance(model, calibration_batches(tokenizer, args.calibrate))
+    report = quantize_model(
+        model,
+        rules,
+        exclude=exclude,
+        quantize_tied=args.quantize_tied,
+        importance=importance,
+    )
     print(report.table(None if args.table else 8))
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -158,7 +200,10 @@ def cli_specs(args) -> list[QuantSpec]:
 
     Every spec is checked against its grid here, before any model is loaded.
     """
+    from lowbit.fit import fit_options
     from lowbit.grids import CodebookGrid, available_grids, get_grid
+
+    options = parse_fit_options(args.fit_option)
 
     def make(grid: str, symmetric: bool) -> QuantSpec:
         spec = QuantSpec(
@@ -170,8 +215,11 @@ def cli_specs(args) -> list[QuantSpec]:
             scale_dtype=args.scale_dtype,
             zero_point=args.zero_point,
             rotation="hadamard" if args.rotate else None,
+            fit=args.fit,
+            fit_options=options or None,
         )
         get_grid(grid).check_spec(spec)
+        fit_options(spec)  # unknown fit or option: fail before loading the model
         return spec
 
     float_zero = args.zero_point == "float"
@@ -197,6 +245,22 @@ def cli_specs(args) -> list[QuantSpec]:
         if isinstance(grid, CodebookGrid) and grid.min_bits <= args.bits <= grid.max_bits:
             specs.append(make_codebook(name))
     return specs
+
+
+def parse_fit_options(items: list[str]) -> dict:
+    """``["candidates=50", "source=residual"]`` -> ``{"candidates": 50, "source": "residual"}``
+    (values parsed as JSON when they are JSON, else kept as strings)."""
+    options = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--fit-option expects NAME=VALUE, got {item!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        options[name.strip()] = value
+    return options
 
 
 def cmd_eval(args) -> int:

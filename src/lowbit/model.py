@@ -104,6 +104,7 @@ def quantize_model(
     *,
     progress: bool = True,
     quantize_tied: bool = False,
+    importance: Mapping[str, torch.Tensor] | None = None,
     **layer_kwargs,
 ) -> Report:
     """Quantize every `nn.Linear` of ``model`` in place, choosing a spec per layer by name.
@@ -120,6 +121,9 @@ def quantize_model(
         quantize_tied: also quantize layers whose weight is tied to another module (an
             ``lm_head`` sharing the embedding, say); off by default, since the float tensor
             stays for the other module and quantizing then makes the model larger.
+        importance: ``{layer name: weights}`` for the searching fits (``mse``, ``hqq``,
+            ``entropy``): ``[in_features]`` or the weight's shape, e.g. from
+            `lowbit.calibrate.input_importance`. Layers not named are fitted unweighted.
         **layer_kwargs: passed to `QuantLinear` (``kernel``, ``cache_dequantized``).
 
     Returns:
@@ -150,6 +154,9 @@ def quantize_model(
     if not isinstance(exclude, Iterable) or not all(isinstance(p, str) for p in exclude):
         raise TypeError(f"exclude must be a list of name patterns, got {exclude!r}")
     exclude = list(exclude)
+    importance = dict(importance or {})
+    if not all(isinstance(v, torch.Tensor) for v in importance.values()):
+        raise TypeError("importance must map layer names to tensors")
     start = time.perf_counter()
     report = Report(
         parameters=sum(p.numel() for p in model.parameters()), bytes_before=model_bytes(model)
@@ -189,6 +196,11 @@ def quantize_model(
             report.layers.append(LayerReport(name, shape, None, _float_bits(module), skipped=skip))
             continue
         for spec in specs:
+            if spec.rotation and name in importance:
+                rotation_notes.append(
+                    f"layer {name!r}: importance is not used with rotation (the rotated weights "
+                    f"mix input features)"
+                )
             if spec.rotation and hadamard_block(shape[1]) < MIN_USEFUL_HADAMARD:
                 rotation_notes.append(
                     f"layer {name!r}: in_features {shape[1]} allows Hadamard blocks of only "
@@ -205,6 +217,12 @@ def quantize_model(
         f"pattern {p!r} matched no layer" for p in patterns if p not in used_patterns
     ]
     report.warnings += list(dict.fromkeys(rotation_notes))
+    planned = {name for name, _, _, _ in plan}
+    report.warnings += [
+        f"importance for {name!r}, which is not quantized, is unused"
+        for name in importance
+        if name not in planned
+    ]
 
     # Quantize everything first and swap afterwards, so an error leaves the model untouched.
     replacements: list[tuple[str, QuantLinear]] = []
@@ -213,7 +231,12 @@ def quantize_model(
     ):
         best = None
         for spec in specs:  # several candidates: keep the one with the smallest error
-            qt = quantize(weight.detach(), spec, name=f"layer {name!r}")
+            qt = quantize(
+                weight.detach(),
+                spec,
+                name=f"layer {name!r}",
+                importance=importance.get(name) if not spec.rotation else None,
+            )
             rel, sqnr = weight_error(weight.detach(), qt.dequantize(torch.float32))
             if best is None or rel < best[1]:
                 best = (qt, rel, sqnr)
@@ -231,6 +254,7 @@ def quantize_model(
                 rel,
                 sqnr,
                 config=qt.spec.to_dict(),
+                code_entropy=qt.code_entropy(),
             )
         )
         replacements.append((name, layer))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.fit import get_fit
+from lowbit.fit import fit_options, get_fit
 from lowbit.grids import get_grid
 from lowbit.packing import pack
 from lowbit.rotation import pack_signs, random_signs, rotate
 from lowbit.spec import QuantSpec
+from lowbit.storage import stored_params
 from lowbit.tensor import FLOAT_DTYPES, BlockLayout, QuantizedTensor
 
 # Rows are processed in chunks of about this many weights, so the float32 working copy stays
@@ -16,13 +17,24 @@ from lowbit.tensor import FLOAT_DTYPES, BlockLayout, QuantizedTensor
 CHUNK_ELEMENTS = 1 << 20
 
 
-def quantize(tensor: torch.Tensor, spec: QuantSpec, *, name: str = "tensor") -> QuantizedTensor:
+def quantize(
+    tensor: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    name: str = "tensor",
+    importance: torch.Tensor | None = None,
+) -> QuantizedTensor:
     """Quantize a floating-point tensor.
 
     Args:
         tensor: fp32, fp16 or bf16, any shape (viewed as ``[shape[0], rest]``), any strides.
         spec: what to do (`QuantSpec`).
         name: how errors refer to the tensor (``quantize_model`` passes the layer name).
+        importance: optional non-negative weights of the squared error that searching fits
+            (``mse``, ``hqq``, ``entropy``) minimise: ``tensor``'s shape (one per weight) or
+            ``[shape[1]]`` for a 2-D tensor (one per input feature, e.g. the mean squared
+            activation from `lowbit.calibrate`). Not combinable with rotation (the rotated
+            weights mix the features).
 
     Returns:
         A `QuantizedTensor` whose ``dequantize()`` has ``tensor``'s shape and dtype.
@@ -47,12 +59,14 @@ def quantize(tensor: torch.Tensor, spec: QuantSpec, *, name: str = "tensor") -> 
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from None
     fit = get_fit(spec.fit)
+    fit_options(spec)  # unknown options are an error even for fits that take none
     try:
         layout = BlockLayout.of(tensor.shape, spec)
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from None
     scale_dtype = FLOAT_DTYPES[spec.scale_dtype]
     matrix = tensor.reshape(layout.rows, layout.cols)
+    weights = _importance_matrix(importance, tensor, layout, spec, name)
     signs = None
     if spec.rotation and matrix.numel():
         signs = random_signs(layout.cols, spec.rotation_seed).to(matrix.device)
@@ -68,7 +82,8 @@ def quantize(tensor: torch.Tensor, spec: QuantSpec, *, name: str = "tensor") -> 
         if spec.granularity == "tensor":
             # Fits work on float32 blocks: fp16 ranges overflow and bf16 scales are too coarse.
             blocks = matrix.reshape(1, -1).to(torch.float32)
-            scale[:], zero, kept = _fit_blocks(blocks, grid, fit, spec, scale_dtype, name)
+            w = None if weights is None else weights.reshape(1, -1)
+            scale[:], zero, kept = _fit_blocks(blocks, grid, fit, spec, scale_dtype, name, w)
             zero_codes[:] = zero
             if kept is not None:
                 zero_stored[:] = kept
@@ -78,7 +93,8 @@ def quantize(tensor: torch.Tensor, spec: QuantSpec, *, name: str = "tensor") -> 
             for r0, r1 in _row_chunks(layout, device):
                 rows = matrix[r0:r1]
                 blocks = rows.to(torch.float32).reshape(-1, layout.group_len)
-                s, z, kept = _fit_blocks(blocks, grid, fit, spec, scale_dtype, name)
+                w = None if weights is None else weights[r0:r1].reshape(-1, layout.group_len)
+                s, z, kept = _fit_blocks(blocks, grid, fit, spec, scale_dtype, name, w)
                 scale[r0:r1] = s.view(r1 - r0, layout.groups)
                 zero_codes[r0:r1] = z.view(r1 - r0, layout.groups)
                 if kept is not None:
@@ -98,6 +114,31 @@ def quantize(tensor: torch.Tensor, spec: QuantSpec, *, name: str = "tensor") -> 
     return QuantizedTensor(packed, scale, zero, spec, tensor.shape, tensor.dtype, signs)
 
 
+def _importance_matrix(importance, tensor, layout, spec, name):
+    """``importance`` checked and viewed as float32 ``[rows, cols]`` (expanded, not copied)."""
+    if importance is None:
+        return None
+    if not isinstance(importance, torch.Tensor) or not importance.is_floating_point():
+        raise TypeError(f"{name}: importance must be a floating-point tensor")
+    if spec.rotation:
+        raise ValueError(
+            f"{name}: importance weights cannot be combined with rotation (the rotated weights "
+            f"mix input features); drop one of the two"
+        )
+    if tuple(importance.shape) == tuple(tensor.shape):
+        matrix = importance.reshape(layout.rows, layout.cols)
+    elif importance.dim() == 1 and tensor.dim() == 2 and importance.shape[0] == layout.cols:
+        matrix = importance.unsqueeze(0).expand(layout.rows, layout.cols)
+    else:
+        raise ValueError(
+            f"{name}: importance has shape {tuple(importance.shape)}; expected "
+            f"{tuple(tensor.shape)} or [{layout.cols}]"
+        )
+    if not torch.isfinite(importance).all() or (importance < 0).any():
+        raise ValueError(f"{name}: importance must be finite and >= 0")
+    return matrix.to(device=tensor.device, dtype=torch.float32)
+
+
 def _row_chunks(layout: BlockLayout, device: torch.device):
     """(start, stop) row ranges of about CHUNK_ELEMENTS weights each (at least one row).
 
@@ -109,76 +150,26 @@ def _row_chunks(layout: BlockLayout, device: torch.device):
         yield r0, min(layout.rows, r0 + step)
 
 
-def _fit_blocks(blocks, grid, fit, spec, scale_dtype, name):
-    """Run the fit on float32 ``blocks [B, n]``.
+def _fit_blocks(blocks, grid, fit, spec, scale_dtype, name, weights=None):
+    """Run the fit on float32 ``blocks [B, n]`` and round its result for storage.
 
     Returns (stored scale [B] in ``scale_dtype``, zero [B] float32 in code units as dequantization
-    will see it, stored zero [B] or None): the stored zero is the integer code (``"int"``) or,
-    for ``zero_point="float"``, the block's lowest representable value ``m`` in ``scale_dtype``
-    (a value offset stays well conditioned where a zero in code units would not).
+    will see it, stored zero [B] or None); see `lowbit.storage.stored_params`.
     """
     # Fits propagate NaN/Inf of a block into its scale (their reductions do), so checking the
     # scales catches bad weights without another pass over the data.
-    scale, zero = fit(blocks, grid, spec)
+    scale, zero = fit(blocks, grid, spec, weights=weights)
     if not (torch.isfinite(scale).all() and (zero is None or torch.isfinite(zero).all())):
         raise ValueError(f"{name} contains NaN or Inf; clean the weights before quantizing")
     vmin, vmax = grid.value_range(spec.bits)
-    offset = None
-    if zero is not None and spec.zero_point == "float":
-        # Store the range's low end rounded *down*, then widen the scale to still reach the
-        # high end: every weight stays within half a step after both roundings.
-        low_end = (vmin - zero) * scale
-        high_end = (vmax - zero) * scale
-        offset = _round_down(low_end, scale_dtype)
-        if not torch.isfinite(offset).all():
-            raise ValueError(
-                f"{name}: offsets overflow {spec.scale_dtype}; use scale_dtype='float32'"
-            )
-        scale = torch.where(scale > 0, (high_end - offset.float()) / (vmax - vmin), scale)
-    stored = _round_up(scale, scale_dtype)
+    stored, zero_codes, kept = stored_params(
+        scale, zero, vmin, vmax, grid.center(spec.bits), spec, scale_dtype
+    )
+    if kept is not None and not torch.isfinite(kept).all():
+        raise ValueError(f"{name}: offsets overflow {spec.scale_dtype}; use scale_dtype='float32'")
     if not torch.isfinite(stored).all():
         raise ValueError(f"{name}: scales overflow {spec.scale_dtype}; use scale_dtype='float32'")
-    # A scale that underflows to 0 would make the block's codes meaningless; a fitted 0 (an
-    # all-zero block) stays 0 and restores exact zeros whatever the grid's levels.
-    tiny = torch.finfo(scale_dtype).tiny
-    stored = torch.where((stored == 0) & (scale > 0), torch.full_like(stored, tiny), stored)
-    if zero is None:
-        return stored, torch.full_like(stored, grid.center(spec.bits), dtype=torch.float32), None
-    if offset is not None:
-        return stored, float_zero(offset, stored, vmin), offset
-    zero = zero.round().clamp_(vmin, vmax)
-    return stored, zero, zero
-
-
-def float_zero(offset: torch.Tensor, scale: torch.Tensor, vmin: float) -> torch.Tensor:
-    """Zero point in code units, float32, from a value offset ``m`` (the block's value at the
-    lowest code): ``vmin - m / scale``, and ``vmin`` where the scale is 0."""
-    scale = scale.to(torch.float32)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.where(
-        scale > 0, vmin - offset.to(torch.float32) / safe, torch.full_like(scale, vmin)
-    )
-
-
-def _round_up(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``values`` (>= 0) in ``dtype``, never below the float32 value."""
-    stored = values.to(dtype)
-    if dtype != torch.float32:
-        low = stored.to(torch.float32) < values
-        if low.any():  # positive floats order like their bit patterns: one ulp up
-            stored = torch.where(low, (stored.view(torch.int16) + 1).view(dtype), stored)
-    return stored
-
-
-def _round_down(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``values`` in ``dtype``, never above the float32 value."""
-    stored = values.to(dtype)
-    high = stored.to(torch.float32) > values
-    if high.any():
-        stored = torch.where(
-            high, torch.nextafter(stored, torch.full_like(stored, -torch.inf)), stored
-        )
-    return stored
+    return stored, zero_codes, kept
 
 
 def _encode_rows(rows, scale, zero_codes, layout, grid, spec):

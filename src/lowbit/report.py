@@ -19,6 +19,8 @@ class LayerReport:
     sqnr_db: float | None = None
     skipped: str | None = None
     config: dict | None = None  # the full QuantSpec.to_dict() of the layer
+    # Entropy of the codes, bits/weight: their size after ideal entropy coding (<= spec bits).
+    code_entropy: float | None = None
 
 
 @dataclass
@@ -56,6 +58,16 @@ class Report:
         return sum(r.bits_per_weight * _numel(r.shape) for r in rows) / weights
 
     @property
+    def avg_code_entropy(self) -> float:
+        """Entropy of the codes in bits/weight over the quantized layers, weighted by size: what
+        an ideal entropy coder would shrink the codes to (scales and zero points not counted)."""
+        rows = [r for r in self.quantized if r.code_entropy is not None]
+        weights = sum(_numel(r.shape) for r in rows)
+        if not weights:
+            return 0.0
+        return sum(r.code_entropy * _numel(r.shape) for r in rows) / weights
+
+    @property
     def mean_rel_error(self) -> float:
         """Mean relative Frobenius error over the quantized layers."""
         rows = self.quantized
@@ -72,6 +84,7 @@ class Report:
                 "bytes_before": self.bytes_before,
                 "bytes_after": self.bytes_after,
                 "avg_bits_per_weight": self.avg_bits_per_weight,
+                "avg_code_entropy": self.avg_code_entropy,
                 "mean_rel_error": self.mean_rel_error,
                 "seconds": self.seconds,
             },
@@ -92,7 +105,7 @@ class Report:
         width = max([len("layer")] + [len(r.name) for r in rows])
         head = (
             f"{'layer':<{width}}  {'shape':>11}  {'spec':<16} {'bits/w':>6}  "
-            f"{'rel.err':>8}  {'SQNR dB':>7}"
+            f"{'rel.err':>8}  {'SQNR dB':>7}  {'H bits':>6}"
         )
         lines = [head, "-" * len(head)]
         for r in rows:
@@ -105,7 +118,7 @@ class Report:
                 continue
             lines.append(
                 f"{r.name:<{width}}  {shape:>11}  {r.spec:<16} {r.bits_per_weight:>6.3f}  "
-                f"{r.rel_error:>8.5f}  {r.sqnr_db:>7.2f}"
+                f"{r.rel_error:>8.5f}  {r.sqnr_db:>7.2f}  {_entropy_cell(r):>6}"
             )
         return "\n".join(lines) + "\n" + note + self.summary()
 
@@ -123,6 +136,8 @@ class Report:
             f"({ratio:.2f}x smaller)"
             f" | quantized layers {self.avg_bits_per_weight:.3f} bits/weight, "
             f"mean rel. error {self.mean_rel_error:.4f} | {self.seconds:.1f} s"
+            f"\ncodes' entropy {self.avg_code_entropy:.3f} bits/weight (the codes' size after "
+            f"ideal entropy coding; H bits per layer)"
         )
 
     def __str__(self) -> str:
@@ -134,6 +149,10 @@ def _finite(row: dict) -> dict:
     return {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()
     }
+
+
+def _entropy_cell(row: LayerReport) -> str:
+    return "-" if row.code_entropy is None else f"{row.code_entropy:.3f}"
 
 
 def _numel(shape) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 SPEC_VERSION = 1
@@ -30,8 +31,12 @@ class QuantSpec:
         symmetric: ``True`` stores only a scale (zero fixed at the grid's centre, absmax fit);
             ``False`` stores an integer zero point per block too (min/max fit).
         grid: name of a registered grid (``lowbit.grids.available_grids()``).
-        fit: name of a registered scale search; ``None`` means ``"absmax"`` for symmetric specs
-            and ``"minmax"`` otherwise.
+        fit: name of a registered scale search (``lowbit.fit.available_fits()``: ``minmax``,
+            ``absmax``, ``mse``, ``hqq``, ``entropy``, ``percentile``); ``None`` means
+            ``"absmax"`` for symmetric specs and ``"minmax"`` otherwise.
+        fit_options: settings of the fit, a dict of JSON scalars (e.g. ``{"candidates": 50}``
+            for ``mse``); unknown names are an error. Stored as a sorted tuple of pairs so the
+            spec stays hashable; ``to_dict`` gives it back as a dict.
         scale_dtype: storage type of the scales: ``"float16"`` (default, as HQQ and llama.cpp),
             ``"bfloat16"`` or ``"float32"``.
         zero_point: for asymmetric specs, ``"int"`` (default: an integer code, packed at
@@ -49,6 +54,7 @@ class QuantSpec:
     symmetric: bool = False
     grid: str = "int"
     fit: str | None = None
+    fit_options: tuple[tuple[str, object], ...] | dict | None = None
     scale_dtype: str = "float16"
     zero_point: str = "int"
     rotation: str | None = None
@@ -89,6 +95,7 @@ class QuantSpec:
             object.__setattr__(self, "fit", "absmax" if self.symmetric else "minmax")
         elif not isinstance(self.fit, str):
             raise TypeError(f"QuantSpec.fit must be a fit name, got {self.fit!r}")
+        object.__setattr__(self, "fit_options", _normalize_options(self.fit_options))
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(
                 f"QuantSpec.scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}"
@@ -122,9 +129,16 @@ class QuantSpec:
         extra += " rot" if self.rotation else ""
         return f"{self.grid}{self.bits} {layout} {kind}{extra}"
 
+    @property
+    def options(self) -> dict:
+        """``fit_options`` as a dict (empty when none were given)."""
+        return dict(self.fit_options or ())
+
     def to_dict(self) -> dict:
         """Plain JSON-able dict; ``QuantSpec.from_dict`` inverts it exactly."""
-        return asdict(self)
+        data = asdict(self)
+        data["fit_options"] = self.options or None
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> QuantSpec:
@@ -136,3 +150,31 @@ class QuantSpec:
         if unknown:
             raise ValueError(f"QuantSpec.from_dict: unknown keys {sorted(unknown)}")
         return cls(**data)
+
+
+def _normalize_options(options) -> tuple[tuple[str, object], ...] | None:
+    """``fit_options`` as a sorted tuple of (name, JSON scalar) pairs, or ``None`` if empty."""
+    if options is None:
+        return None
+    if isinstance(options, tuple):
+        try:
+            options = dict(options)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"QuantSpec.fit_options must be a dict of name -> value, got {options!r}"
+            ) from None
+    if not isinstance(options, dict):
+        raise TypeError(
+            f"QuantSpec.fit_options must be a dict of name -> value, got {type(options).__name__}"
+        )
+    for key, value in options.items():
+        if not isinstance(key, str):
+            raise TypeError(f"QuantSpec.fit_options: option names must be str, got {key!r}")
+        if value is not None and not isinstance(value, (bool, int, float, str)):
+            raise TypeError(
+                f"QuantSpec.fit_options[{key!r}] must be a number, bool, str or None, "
+                f"got {type(value).__name__}"
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"QuantSpec.fit_options[{key!r}] must be finite, got {value}")
+    return tuple(sorted(options.items())) or None

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.entropy import code_histogram, entropy_bits
 from lowbit.grids import get_grid
 from lowbit.packing import packed_row_bytes, unpack, unpack_into
 from lowbit.rotation import unpack_signs, unrotate
@@ -130,6 +131,19 @@ class QuantizedTensor:
     def codes(self) -> torch.Tensor:
         """Unpacked codes, uint8 ``[rows, cols]``."""
         return unpack(self.packed, self.spec.bits, self.layout.cols)
+
+    def code_entropy(self) -> float:
+        """Empirical entropy of the codes, in bits per weight: the size an ideal order-0 entropy
+        coder would store them in (at most ``spec.bits``; see `lowbit.entropy`)."""
+        if self.numel() == 0:
+            return 0.0
+        levels = 1 << self.spec.bits
+        counts = torch.zeros(levels, dtype=torch.int64, device=self.packed.device)
+        rows = max(1, (1 << 20) // max(1, self.layout.cols))
+        for r0 in range(0, self.layout.rows, rows):
+            codes = unpack(self.packed[r0 : r0 + rows], self.spec.bits, self.layout.cols)
+            counts += code_histogram(codes, levels)
+        return float(entropy_bits(counts))
 
     def zero_points(self) -> torch.Tensor:
         """Zero points as float32 ``[scale_rows, groups]`` (the grid centre when symmetric)."""

@@ -1,6 +1,17 @@
 """Scale (and zero point) search per block, looked up by name."""
 
+from lowbit.fit import entropy_fit as _entropy  # noqa: F401
+from lowbit.fit import hqq as _hqq  # noqa: F401
 from lowbit.fit import minmax as _minmax  # noqa: F401  (registers minmax and absmax)
-from lowbit.fit.registry import FitFn, available_fits, get_fit, register_fit
+from lowbit.fit import mse as _mse  # noqa: F401
+from lowbit.fit import percentile as _percentile  # noqa: F401
+from lowbit.fit.registry import (
+    FitFn,
+    available_fits,
+    fit_defaults,
+    fit_options,
+    get_fit,
+    register_fit,
+)
 
-__all__ = ["FitFn", "available_fits", "get_fit", "register_fit"]
+__all__ = ["FitFn", "available_fits", "fit_defaults", "fit_options", "get_fit", "register_fit"]

@@ -10,7 +10,7 @@ from lowbit.spec import QuantSpec
 
 
 @register_fit("minmax")
-def fit_minmax(blocks: torch.Tensor, grid: Grid, spec: QuantSpec):
+def fit_minmax(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     """Stretch the grid over ``[min(x, 0), max(x, 0)]`` of each block.
 
     With ``zero_point="int"`` the range always contains 0 so that the integer zero point lies on
@@ -37,7 +37,7 @@ def fit_minmax(blocks: torch.Tensor, grid: Grid, spec: QuantSpec):
 
 
 @register_fit("absmax")
-def fit_absmax(blocks: torch.Tensor, grid: Grid, spec: QuantSpec):
+def fit_absmax(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     """Symmetric: ``scale = max|x| / (vmax - centre)``, zero at the grid's centre.
 
     Used with an asymmetric spec it still stores a zero point, fixed at the centre.

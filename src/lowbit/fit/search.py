@@ -1,0 +1,205 @@
+"""Shared machinery of the searching fits: candidate ranges, scoring, least-squares refits.
+
+A block ``x [n]`` with scale ``s`` and zero ``z`` (code units) is restored as
+``x_hat = (v - z) * s`` where ``v = nearest(x / s + z)`` is the nearest grid value. Scores are
+computed in the normalised domain, ``s**2 * sum(w * (u - v)**2)`` with ``u = x / s + z``, which
+equals ``sum(w * (x - x_hat)**2)`` and needs one multiply-add per element instead of two.
+
+Every function is vectorised over blocks ``[B, n]`` and candidates ``[B, C]``; the candidate
+loop is the only Python loop, and it walks sub-chunks of the blocks sized to stay in cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.grids import Grid
+from lowbit.spec import QuantSpec
+from lowbit.storage import stored_params
+from lowbit.tensor import FLOAT_DTYPES
+
+# Elements per sub-chunk in the candidate loop: small enough that the few float32 temporaries
+# of one candidate stay in L2, large enough that per-call overhead stays small (measured).
+_CACHE_ELEMENTS = 1 << 17
+
+
+def nearest_values(u: torch.Tensor, grid: Grid, bits: int) -> torch.Tensor:
+    """Nearest grid value (float32, same shape) of each normalised value ``u`` (float32)."""
+    if getattr(grid, "codes_are_values", False):
+        vmin, vmax = grid.value_range(bits)
+        return u.round().clamp_(vmin, vmax)
+    return grid.decode(grid.encode_(u.clone(), bits), bits)
+
+
+def affine_candidates(
+    blocks: torch.Tensor, grid: Grid, spec: QuantSpec, ratios: torch.Tensor, offsets: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Candidate (scale, zero) per block, float32 ``[B, C]`` (zero ``None`` if symmetric).
+
+    Symmetric specs scale the block's ``max |x|`` by each ratio. Asymmetric ones take the
+    block's range (containing 0 for an integer zero point, as ``minmax``), make a window of
+    ``ratio`` times its width and slide it across ``offsets`` evenly spaced positions (both ends
+    clipped by the same amount at the middle one); ratios above 1 widen the range instead.
+    The first candidate is always the plain range fit (ratio 1), so a search never ends worse.
+    """
+    vmin, vmax = grid.value_range(spec.bits)
+    ratios = ratios.to(blocks.device, torch.float32)
+    if spec.symmetric:
+        center = grid.center(spec.bits)
+        absmax = blocks.abs().amax(dim=-1, keepdim=True)
+        return absmax * ratios / (vmax - center), None
+    lo, hi = torch.aminmax(blocks, dim=-1)
+    if spec.zero_point == "int":
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    else:
+        constant = lo == hi
+        lo = torch.where(constant, lo.clamp(max=0.0), lo)
+        hi = torch.where(constant, hi.clamp(min=0.0), hi)
+    width = (hi - lo).unsqueeze(-1)
+    positions = (
+        torch.linspace(0.0, 1.0, offsets, device=blocks.device)
+        if offsets > 1
+        else (torch.full((1,), 0.5, device=blocks.device))
+    )
+    ratio = ratios.repeat_interleave(len(positions))
+    position = positions.repeat(len(ratios))
+    low = lo.unsqueeze(-1) + position * (1.0 - ratio) * width
+    scale = ratio * width / (vmax - vmin)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = vmin - low / safe
+    return scale, zero
+
+
+def as_stored(
+    scale: torch.Tensor, zero: torch.Tensor | None, grid: Grid, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale float32, zero in code units float32) exactly as quantize will store them."""
+    vmin, vmax = grid.value_range(spec.bits)
+    stored, zero_codes, _ = stored_params(
+        scale, zero, vmin, vmax, grid.center(spec.bits), spec, FLOAT_DTYPES[spec.scale_dtype]
+    )
+    return stored.to(torch.float32), zero_codes
+
+
+def squared_errors(
+    blocks: torch.Tensor,
+    weights: torch.Tensor | None,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    grid: Grid,
+    bits: int,
+) -> torch.Tensor:
+    """``sum(w * (x - x_hat)**2)`` per block and candidate: float32 ``[B, C]``.
+
+    ``scale``/``zero`` are float32 ``[B, C]`` (zero in code units). NaN in a block gives NaN.
+    """
+    num_blocks, n = blocks.shape
+    out = torch.empty_like(scale)
+    inv = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale))
+    step = max(1, _CACHE_ELEMENTS // max(1, n))
+    for b0 in range(0, num_blocks, step):
+        b1 = min(num_blocks, b0 + step)
+        x = blocks[b0:b1]
+        w = None if weights is None else weights[b0:b1]
+        for c in range(scale.shape[1]):
+            u = torch.addcmul(zero[b0:b1, c : c + 1], x, inv[b0:b1, c : c + 1])
+            d = nearest_values(u, grid, bits).sub_(u)
+            d.mul_(d)
+            if w is not None:
+                d.mul_(w)
+            out[b0:b1, c] = d.sum(dim=-1)
+    return out * scale * scale
+
+
+def pick(errors: torch.Tensor, *params: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """For each block the candidate of least error (first on ties): params ``[B, C]`` -> ``[B]``.
+
+    A NaN error (a block holding NaN/Inf) is picked, so the NaN reaches the scale.
+    """
+    best = errors.argmin(dim=-1, keepdim=True)
+    return [None if p is None else p.gather(-1, best).squeeze(-1) for p in params]
+
+
+def least_squares_refit(
+    blocks: torch.Tensor,
+    weights: torch.Tensor | None,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    grid: Grid,
+    spec: QuantSpec,
+    target: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep each block's codes and solve for the scale (and offset) that best restore them.
+
+    With a float zero point both the scale and the offset are free (a weighted linear
+    regression of ``target`` on the code values); with an integer zero point or a symmetric
+    spec only the scale is (the zero stays where it is). ``target`` defaults to ``blocks``
+    (the half-quadratic fit passes the weights minus their sparse error). Blocks whose fit is
+    degenerate (one code only, non-positive scale) keep their parameters. Returns float32
+    ``[B]`` scale and zero in code units.
+    """
+    target = blocks if target is None else target
+    inv = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale)).unsqueeze(-1)
+    v = nearest_values(torch.addcmul(zero.unsqueeze(-1), blocks, inv), grid, spec.bits)
+    w = torch.ones_like(blocks) if weights is None else weights
+    sw = w.sum(-1)
+    if not spec.symmetric and spec.zero_point == "float":
+        wv = w * v
+        sv, svv = wv.sum(-1), (wv * v).sum(-1)
+        sx, sxv = (w * target).sum(-1), (wv * target).sum(-1)
+        det = sw * svv - sv * sv
+        ok = det > 1e-12 * (sw * svv).clamp(min=1e-30)
+        safe = torch.where(ok, det, torch.ones_like(det))
+        a = (sw * sxv - sv * sx) / safe
+        b = (sx - a * sv) / sw.clamp(min=1e-30)
+        ok &= a > 0
+        safe_a = torch.where(ok, a, torch.ones_like(a))
+        return torch.where(ok, a, scale), torch.where(ok, -b / safe_a, zero)
+    centred = v - zero.unsqueeze(-1)
+    wc = w * centred
+    denominator = (wc * centred).sum(-1)
+    a = (wc * target).sum(-1) / torch.where(denominator > 0, denominator, torch.ones_like(sw))
+    ok = (denominator > 0) & (a > 0)
+    return torch.where(ok, a, scale), zero
+
+
+def refine(
+    blocks: torch.Tensor,
+    weights: torch.Tensor | None,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    error: torch.Tensor,
+    grid: Grid,
+    spec: QuantSpec,
+    rounds: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Alternate least-squares refits and re-encoding ``rounds`` times, keeping per block the
+    best of old and new (so the error never rises). All float32 ``[B]``; returns the updated
+    (scale, zero in code units, error)."""
+    for _ in range(rounds):
+        new_scale, new_zero = least_squares_refit(blocks, weights, scale, zero, grid, spec)
+        new_zero = None if spec.symmetric else new_zero
+        new_scale, new_zero = as_stored(new_scale, new_zero, grid, spec)
+        new_error = squared_errors(
+            blocks, weights, new_scale[:, None], new_zero[:, None], grid, spec.bits
+        )[:, 0]
+        better = new_error < error
+        if not better.any():
+            break
+        scale = torch.where(better, new_scale, scale)
+        zero = torch.where(better, new_zero, zero)
+        error = torch.where(better, new_error, error)
+    return scale, zero, error
+
+
+def to_fit_result(
+    scale: torch.Tensor, zero: torch.Tensor, grid: Grid, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fit output ``(scale, zero)`` from stored parameters: ``None`` zero for symmetric specs."""
+    return scale, None if spec.symmetric else zero
+
+
+def nearest_codes(u: torch.Tensor, grid: Grid, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(code index int64 ``0 .. 2**bits - 1``, grid value float32) nearest to each ``u``."""
+    codes = grid.encode_(u.clone(), bits).long()
+    return codes, grid.decode(codes, bits)

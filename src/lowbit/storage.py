@@ -1,0 +1,80 @@
+"""How fitted scales and zero points become stored ones (rounded to ``spec.scale_dtype``).
+
+Shared by `lowbit.quantize` (which stores them) and the searching fits (which score candidates
+as they will be stored, so that the rounding cannot undo the choice).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.spec import QuantSpec
+
+
+def stored_params(
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    vmin: float,
+    vmax: float,
+    center: float,
+    spec: QuantSpec,
+    scale_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round fitted ``scale``/``zero`` (float32, any shape) to what will be stored.
+
+    Returns (stored scale in ``scale_dtype``, zero in code units float32 as dequantization will
+    see it, stored zero or None): the stored zero is the integer code (``zero_point="int"``) or,
+    for ``"float"``, the block's lowest representable value ``m`` in ``scale_dtype`` (a value
+    offset stays well conditioned where a zero in code units would not). Non-finite inputs
+    stay non-finite; callers check.
+    """
+    offset = None
+    if zero is not None and spec.zero_point == "float":
+        # Store the range's low end rounded *down*, then widen the scale to still reach the
+        # high end: every weight stays within half a step after both roundings.
+        low_end = (vmin - zero) * scale
+        high_end = (vmax - zero) * scale
+        offset = round_down(low_end, scale_dtype)
+        scale = torch.where(scale > 0, (high_end - offset.float()) / (vmax - vmin), scale)
+    stored = round_up(scale, scale_dtype)
+    # A scale that underflows to 0 would make the block's codes meaningless; a fitted 0 (an
+    # all-zero block) stays 0 and restores exact zeros whatever the grid's levels.
+    tiny = torch.finfo(scale_dtype).tiny
+    stored = torch.where((stored == 0) & (scale > 0), torch.full_like(stored, tiny), stored)
+    if zero is None:
+        return stored, torch.full_like(stored, center, dtype=torch.float32), None
+    if offset is not None:
+        return stored, float_zero(offset, stored, vmin), offset
+    zero = zero.round().clamp_(vmin, vmax)
+    return stored, zero, zero
+
+
+def float_zero(offset: torch.Tensor, scale: torch.Tensor, vmin: float) -> torch.Tensor:
+    """Zero point in code units, float32, from a value offset ``m`` (the block's value at the
+    lowest code): ``vmin - m / scale``, and ``vmin`` where the scale is 0."""
+    scale = scale.to(torch.float32)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(
+        scale > 0, vmin - offset.to(torch.float32) / safe, torch.full_like(scale, vmin)
+    )
+
+
+def round_up(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` (>= 0) in ``dtype``, never below the float32 value."""
+    stored = values.to(dtype)
+    if dtype != torch.float32:
+        low = stored.to(torch.float32) < values
+        if low.any():  # positive floats order like their bit patterns: one ulp up
+            stored = torch.where(low, (stored.view(torch.int16) + 1).view(dtype), stored)
+    return stored
+
+
+def round_down(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` in ``dtype``, never above the float32 value."""
+    stored = values.to(dtype)
+    high = stored.to(torch.float32) > values
+    if high.any():
+        stored = torch.where(
+            high, torch.nextafter(stored, torch.full_like(stored, -torch.inf)), stored
+        )
+    return stored

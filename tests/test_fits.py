@@ -22,7 +22,7 @@ from lowbit.fit.hqq import shrink_lp
 from lowbit.fit.search import affine_candidates, as_stored, nearest_values
 from lowbit.grids import get_grid
 
-SEARCHING = ("mse", "hqq", "entropy", "percentile")
+SEARCHING = ("mse", "hqq", "entropy", "percentile", "dare")
 # (grid, symmetric, zero_point) combinations every fit must serve.
 LAYOUTS = [
     ("int", False, "int"),
@@ -339,6 +339,9 @@ def test_half_precision_inputs(fit, dtype):
         ("entropy", {"bins": 1}, ValueError, "bins"),
         ("entropy", {"max_ratio": 0.5}, ValueError, "max_ratio"),
         ("percentile", {"percentile": 40.0}, ValueError, "percentile"),
+        ("dare", {"bins": 0}, ValueError, "bins"),
+        ("dare", {"scales": 0}, ValueError, "scales"),
+        ("dare", {"min_ratio": 0.0}, ValueError, "min_ratio"),
         ("minmax", {"candidates": 5}, ValueError, "takes: none"),
     ],
 )

@@ -1,5 +1,6 @@
 """Scale (and zero point) search per block, looked up by name."""
 
+from lowbit.fit import dare as _dare  # noqa: F401
 from lowbit.fit import entropy_fit as _entropy  # noqa: F401
 from lowbit.fit import hqq as _hqq  # noqa: F401
 from lowbit.fit import minmax as _minmax  # noqa: F401  (registers minmax and absmax)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.fit import fused
 from lowbit.grids import Grid
 from lowbit.spec import QuantSpec
 from lowbit.storage import stored_params
@@ -94,8 +95,17 @@ def squared_errors(
     ``scale``/``zero`` are float32 ``[B, C]`` (zero in code units). NaN in a block gives NaN.
     """
     num_blocks, n = blocks.shape
-    out = torch.empty_like(scale)
     inv = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale))
+    if (
+        getattr(grid, "codes_are_values", False)
+        and num_blocks * n * scale.shape[1] >= fused.MIN_WORK
+        and fused.enabled(blocks.device)
+    ):
+        vmin, vmax = grid.value_range(bits)
+        out = fused.uniform_scores(blocks, weights, inv, zero, vmin, vmax)
+        if out is not None:
+            return out * scale * scale
+    out = torch.empty_like(scale)
     step = max(1, _CACHE_ELEMENTS // max(1, n))
     for b0 in range(0, num_blocks, step):
         b1 = min(num_blocks, b0 + step)

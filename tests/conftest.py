@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Searches on small tensors score eagerly anyway; this keeps the larger ones in the tests from
+# compiling kernels (seconds each). test_fits checks the compiled scorer against the eager one.
+os.environ.setdefault("LOWBIT_COMPILE", "0")
 
 
 @pytest.fixture(autouse=True)

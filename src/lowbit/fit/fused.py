@@ -1,11 +1,15 @@
-"""A fused, compiled scorer for the uniform integer grid (the searching fits' hot loop).
+"""Fused, compiled scorers for the uniform integer grid (the searching fits' hot loop).
 
 Scoring ``C`` candidates of ``B`` blocks of ``n`` weights is ``B * C * n`` multiply-add, round,
 clamp, subtract and square steps. In eager PyTorch each step is a pass over memory; compiled by
-TorchInductor into one loop it runs about 10x faster on a CPU (measured in
-``benchmarks/bench_fits.py``). Compilation needs a C++ compiler and takes seconds per new shape,
-so it is used only for large searches and falls back to the eager loop for good when it fails.
-Set ``LOWBIT_COMPILE=0`` to never compile.
+TorchInductor into one loop it runs several times faster on a CPU (``benchmarks/bench_fits.py``).
+Compilation needs a C++ compiler and takes seconds per new shape, so it is used only for large
+searches, and the caller falls back to the eager loop for good when it fails. Set
+``LOWBIT_COMPILE=0`` to never compile.
+
+Two variants: many candidates (a search) run in fixed chunks of blocks, padded, so that every
+shape is static and the inner loops are fully specialised; few candidates (rescoring a winner)
+run on the whole chunk with the block count marked dynamic, so one kernel serves every size.
 """
 
 from __future__ import annotations
@@ -15,57 +19,100 @@ import warnings
 
 import torch
 
-# Below this many element-candidates (B * C * n) the eager loop is done before a compile is.
-MIN_WORK = 1 << 24
-# Blocks per compiled call: shapes are static (fast code), the last chunk is padded.
-_CHUNK_ELEMENTS = 1 << 16
+from lowbit.fit.candidates import candidate_params
 
-_compiled: dict[bool, object] = {}
+# Below this many element-candidates (B * max(C, 16) * n) the eager loop wins over compiling.
+MIN_WORK = 1 << 22
+# Element-candidates per call of the static (search) variant.
+_STATIC_WORK = 1 << 23
+# Up to this many candidates the dynamic (rescoring) variant is used.
+_FEW = 4
+
+_compiled: dict[tuple[str, bool], object] = {}
 _broken = False
 
 
-def _scores(x, w, inv, zero, qmin: float, qmax: float):
+def _best(x, w, inv, zero, qmin: float, qmax: float):
     u = torch.addcmul(zero.unsqueeze(-1), x.unsqueeze(1), inv.unsqueeze(-1))
     d = u - u.round().clamp(qmin, qmax)
     d = d * d
     if w is not None:
         d = d * w.unsqueeze(1)
-    return d.sum(-1)
+    # Back to value units: the normalised error times scale**2 (1 / inv**2).
+    safe = torch.where(inv > 0, inv, torch.ones_like(inv))
+    errors = d.sum(-1) / (safe * safe)
+    return errors.min(dim=-1)
+
+
+def _range_params(
+    low,
+    width,
+    ratio,
+    position,
+    vmin: float,
+    vmax: float,
+    center: float,
+    symmetric: bool,
+    int_zero: bool,
+):
+    # A kernel of its own: fused into the scoring loop, inductor would redo this division for
+    # every weight instead of once per candidate.
+    scale, zero = candidate_params(
+        low, width, ratio, position, vmin, vmax, center, symmetric, int_zero
+    )
+    return torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, 1.0), 0.0), zero
 
 
 def enabled(device: torch.device) -> bool:
-    """Whether the compiled scorer may be tried on ``device`` (CPU only; not disabled)."""
+    """Whether the compiled scorers may be tried on ``device`` (CPU only; not disabled)."""
     return not _broken and device.type == "cpu" and os.environ.get("LOWBIT_COMPILE", "1") != "0"
 
 
-def uniform_scores(
+def _kernel(kind: str, weighted: bool):
+    key = (kind, weighted)
+    if key not in _compiled:
+        _compiled[key] = torch.compile(_range_params if kind == "params" else _best, dynamic=False)
+    return _compiled[key]
+
+
+def uniform_best(
     x: torch.Tensor,
     w: torch.Tensor | None,
     inv: torch.Tensor,
     zero: torch.Tensor,
     qmin: float,
     qmax: float,
-) -> torch.Tensor | None:
-    """``sum(w * (u - clamp(round(u)))**2)`` with ``u = x * inv + zero`` per block and candidate.
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Least ``sum(w * (x - x_hat)**2)`` over candidates and its index, per block.
 
-    ``x``/``w``: float32 ``[B, n]``; ``inv``/``zero``: float32 ``[B, C]``. Returns float32
-    ``[B, C]``, or ``None`` if compiling is unavailable (the caller scores eagerly).
+    ``x_hat = (clamp(round(u), qmin, qmax) - zero) / inv`` with ``u = x * inv + zero``; ``x``/``w``
+    float32 ``[B, n]``, ``inv``/``zero`` float32 ``[B, C]`` (``inv = 0`` is an all-zero block,
+    error 0). Returns (float32 ``[B]``, int64 ``[B]``; the first index on ties), or ``None`` if
+    compiling is unavailable (the caller scores eagerly).
     """
     global _broken
-    weighted = w is not None
-    fn = _compiled.get(weighted)
-    if fn is None:
-        fn = _compiled[weighted] = torch.compile(_scores, dynamic=False)
     num_blocks, n = x.shape
-    step = max(1, _CHUNK_ELEMENTS // n)
-    out = torch.empty_like(inv)
+    count = inv.shape[1]
+    errors = torch.empty(num_blocks, dtype=torch.float32, device=x.device)
+    index = torch.empty(num_blocks, dtype=torch.int64, device=x.device)
     try:
+        if count <= _FEW:
+            fn = _kernel("few", w is not None)
+            args = [x, w, inv, zero]
+            for a in args:
+                if a is not None:
+                    torch._dynamo.mark_dynamic(a, 0)
+            errors[:], index[:] = fn(*args, qmin, qmax)
+            return errors, index
+        fn = _kernel("many", w is not None)
+        step = max(1, _STATIC_WORK // (n * count))
         for b0 in range(0, num_blocks, step):
             b1 = min(num_blocks, b0 + step)
             args = [x[b0:b1], None if w is None else w[b0:b1], inv[b0:b1], zero[b0:b1]]
             if b1 - b0 < step:  # pad: one static shape, one compiled kernel
                 args = [None if a is None else _pad(a, step) for a in args]
-            out[b0:b1] = fn(*args, qmin, qmax)[: b1 - b0]
+            e, i = fn(*args, qmin, qmax)
+            errors[b0:b1], index[b0:b1] = e[: b1 - b0], i[: b1 - b0]
     except Exception as err:  # no compiler, unsupported platform: eager from now on
         _broken = True
         warnings.warn(
@@ -75,7 +122,52 @@ def uniform_scores(
             stacklevel=2,
         )
         return None
-    return out
+    return errors, index
+
+
+def range_best(
+    x: torch.Tensor,
+    w: torch.Tensor | None,
+    low: torch.Tensor,
+    width: torch.Tensor,
+    ratio: torch.Tensor,
+    position: torch.Tensor,
+    vmin: float,
+    vmax: float,
+    center: float,
+    symmetric: bool,
+    int_zero: bool,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`uniform_best` over the windows of `lowbit.fit.candidates.candidate_params`, computed
+    inside the kernel: ``low``/``width`` float32 ``[B, 1]``, ``ratio``/``position`` ``[C]``.
+    Returns (least error ``[B]``, its index ``[B]``) or ``None`` if compiling is unavailable."""
+    global _broken
+    num_blocks, n = x.shape
+    errors = torch.empty(num_blocks, dtype=torch.float32, device=x.device)
+    index = torch.empty(num_blocks, dtype=torch.int64, device=x.device)
+    fn = _kernel("many", w is not None)
+    params = _kernel("params", False)
+    step = max(1, _STATIC_WORK // (n * len(ratio)))
+    flags = (vmin, vmax, center, symmetric, int_zero)
+    try:
+        for b0 in range(0, num_blocks, step):
+            b1 = min(num_blocks, b0 + step)
+            args = [x[b0:b1], None if w is None else w[b0:b1], low[b0:b1], width[b0:b1]]
+            if b1 - b0 < step:
+                args = [None if a is None else _pad(a, step) for a in args]
+            inv, zero = params(args[2], args[3], ratio, position, *flags)
+            e, i = fn(args[0], args[1], inv, zero, vmin, vmax)
+            errors[b0:b1], index[b0:b1] = e[: b1 - b0], i[: b1 - b0]
+    except Exception as err:
+        _broken = True
+        warnings.warn(
+            f"lowbit: compiled scoring unavailable ({type(err).__name__}: {err}); "
+            "using the eager loop",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return errors, index
 
 
 def _pad(t: torch.Tensor, rows: int) -> torch.Tensor:

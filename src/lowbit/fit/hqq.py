@@ -21,9 +21,9 @@ from lowbit.fit.minmax import fit_absmax, fit_minmax
 from lowbit.fit.registry import fit_options, register_fit
 from lowbit.fit.search import (
     as_stored,
+    best_candidate,
     least_squares_refit,
     nearest_values,
-    squared_errors,
     to_fit_result,
 )
 from lowbit.grids import Grid
@@ -99,4 +99,4 @@ def _zero_only(target, values, scale, weights):
 
 
 def _error(blocks, weights, scale, zero, grid, spec):
-    return squared_errors(blocks, weights, scale[:, None], zero[:, None], grid, spec.bits)[:, 0]
+    return best_candidate(blocks, weights, scale[:, None], zero[:, None], grid, spec.bits)[0]

@@ -8,17 +8,14 @@ import torch
 
 from lowbit.fit.registry import fit_options, register_fit
 from lowbit.fit.search import (
-    affine_candidates,
-    as_stored,
-    pick,
+    range_search,
     refine,
-    squared_errors,
     to_fit_result,
 )
 from lowbit.grids import Grid
 from lowbit.spec import QuantSpec
 
-MSE_DEFAULTS = {"candidates": 100, "min_ratio": 0.2, "offsets": 5, "refits": 2}
+MSE_DEFAULTS = {"candidates": 100, "min_ratio": 0.2, "offsets": 5, "refits": 1}
 
 
 def check_search_options(opts: dict, fit: str) -> None:
@@ -55,16 +52,12 @@ def fit_mse(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     never worse than ``minmax``/``absmax``.
 
     Options: ``candidates`` (100), ``min_ratio`` (0.2), ``offsets`` (5, asymmetric only),
-    ``refits`` (2).
+    ``refits`` (1).
     """
     opts = fit_options(spec)
     check_search_options(opts, "mse")
     offsets = 1 if spec.symmetric else int(opts["offsets"])
     ratios = ratio_grid(int(opts["candidates"]), offsets, float(opts["min_ratio"]))
-    scale, zero = affine_candidates(blocks, grid, spec, ratios, offsets)
-    scale, zero = as_stored(scale, zero, grid, spec)
-    errors = squared_errors(blocks, weights, scale, zero, grid, spec.bits)
-    best_error = errors.amin(dim=-1)
-    scale, zero = pick(errors, scale, zero)
-    scale, zero, _ = refine(blocks, weights, scale, zero, best_error, grid, spec, opts["refits"])
+    scale, zero, error = range_search(blocks, weights, grid, spec, ratios, offsets)
+    scale, zero, _ = refine(blocks, weights, scale, zero, error, grid, spec, opts["refits"])
     return to_fit_result(scale, zero, grid, spec)

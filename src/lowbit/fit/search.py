@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.fit import fused
+from lowbit.fit.candidates import block_range, candidate_grid, candidate_params
 from lowbit.grids import Grid
 from lowbit.spec import QuantSpec
 from lowbit.storage import stored_params
@@ -38,37 +39,26 @@ def affine_candidates(
     """Candidate (scale, zero) per block, float32 ``[B, C]`` (zero ``None`` if symmetric).
 
     Symmetric specs scale the block's ``max |x|`` by each ratio. Asymmetric ones take the
-    block's range (containing 0 for an integer zero point, as ``minmax``), make a window of
-    ``ratio`` times its width and slide it across ``offsets`` evenly spaced positions (both ends
-    clipped by the same amount at the middle one); ratios above 1 widen the range instead.
-    The first candidate is always the plain range fit (ratio 1), so a search never ends worse.
+    block's range (`block_range`), make a window of ``ratio`` times its width and slide it
+    across ``offsets`` evenly spaced positions (both ends clipped by the same amount at the
+    middle one); ratios above 1 widen the range instead. The first candidate is the plain
+    range fit when the first ratio is 1, so a search never ends worse.
     """
+    low, width = block_range(blocks, spec)
+    ratio, position = candidate_grid(ratios, offsets)
     vmin, vmax = grid.value_range(spec.bits)
-    ratios = ratios.to(blocks.device, torch.float32)
-    if spec.symmetric:
-        center = grid.center(spec.bits)
-        absmax = blocks.abs().amax(dim=-1, keepdim=True)
-        return absmax * ratios / (vmax - center), None
-    lo, hi = torch.aminmax(blocks, dim=-1)
-    if spec.zero_point == "int":
-        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
-    else:
-        constant = lo == hi
-        lo = torch.where(constant, lo.clamp(max=0.0), lo)
-        hi = torch.where(constant, hi.clamp(min=0.0), hi)
-    width = (hi - lo).unsqueeze(-1)
-    positions = (
-        torch.linspace(0.0, 1.0, offsets, device=blocks.device)
-        if offsets > 1
-        else (torch.full((1,), 0.5, device=blocks.device))
+    scale, zero = candidate_params(
+        low,
+        width,
+        ratio.to(blocks.device),
+        position.to(blocks.device),
+        vmin,
+        vmax,
+        grid.center(spec.bits),
+        spec.symmetric,
+        spec.zero_point == "int",
     )
-    ratio = ratios.repeat_interleave(len(positions))
-    position = positions.repeat(len(ratios))
-    low = lo.unsqueeze(-1) + position * (1.0 - ratio) * width
-    scale = ratio * width / (vmax - vmin)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = vmin - low / safe
-    return scale, zero
+    return scale, None if spec.symmetric else zero
 
 
 def as_stored(
@@ -96,15 +86,6 @@ def squared_errors(
     """
     num_blocks, n = blocks.shape
     inv = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale))
-    if (
-        getattr(grid, "codes_are_values", False)
-        and num_blocks * n * scale.shape[1] >= fused.MIN_WORK
-        and fused.enabled(blocks.device)
-    ):
-        vmin, vmax = grid.value_range(bits)
-        out = fused.uniform_scores(blocks, weights, inv, zero, vmin, vmax)
-        if out is not None:
-            return out * scale * scale
     out = torch.empty_like(scale)
     step = max(1, _CACHE_ELEMENTS // max(1, n))
     for b0 in range(0, num_blocks, step):
@@ -121,6 +102,35 @@ def squared_errors(
     return out * scale * scale
 
 
+def best_candidate(
+    blocks: torch.Tensor,
+    weights: torch.Tensor | None,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    grid: Grid,
+    bits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(least error float32 ``[B]``, its candidate index int64 ``[B]``) over candidates
+    ``scale``/``zero [B, C]``: `squared_errors` then the minimum, fused and compiled for the
+    uniform grid on large searches (`lowbit.fit.fused`). NaN in a block gives a NaN error."""
+    num_blocks, n = blocks.shape
+    if (
+        getattr(grid, "codes_are_values", False)
+        and num_blocks * n * max(scale.shape[1], 16) >= fused.MIN_WORK
+        and fused.enabled(blocks.device)
+    ):
+        inv = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale))
+        vmin, vmax = grid.value_range(bits)
+        result = fused.uniform_best(blocks, weights, inv, zero, vmin, vmax)
+        if result is not None:
+            # A block holding NaN/Inf has non-finite candidates already (its range is), so
+            # whichever index wins, its scale carries the NaN/Inf on to quantize's check.
+            return result
+    errors = squared_errors(blocks, weights, scale, zero, grid, bits)
+    index = errors.argmin(dim=-1)
+    return errors.gather(-1, index.unsqueeze(-1)).squeeze(-1), index
+
+
 def pick(errors: torch.Tensor, *params: torch.Tensor | None) -> list[torch.Tensor | None]:
     """For each block the candidate of least error (first on ties): params ``[B, C]`` -> ``[B]``.
 
@@ -128,6 +138,72 @@ def pick(errors: torch.Tensor, *params: torch.Tensor | None) -> list[torch.Tenso
     """
     best = errors.argmin(dim=-1, keepdim=True)
     return [None if p is None else p.gather(-1, best).squeeze(-1) for p in params]
+
+
+def pick_stored(
+    blocks: torch.Tensor,
+    weights: torch.Tensor | None,
+    best: tuple[torch.Tensor, torch.Tensor | None],
+    base: tuple[torch.Tensor, torch.Tensor | None],
+    grid: Grid,
+    spec: QuantSpec,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The better, as stored, of each block's search winner ``best`` and its range fit
+    ``base`` (each (scale, zero) float32 ``[B]``, zero ``None`` if symmetric): float32 ``[B]``
+    scale, zero in code units and error.
+
+    Candidates are scored before the storage rounding of the scale (a relative change of at
+    most 2**-11 in float16, too small to reorder them, and costly on ``[B, C]``); comparing the
+    stored winner with the stored range fit keeps the promise that a search never ends worse.
+    """
+    both_scale = torch.stack([best[0], base[0]], dim=-1)
+    both_zero = None if best[1] is None else torch.stack([best[1], base[1]], dim=-1)
+    both_scale, both_zero = as_stored(both_scale, both_zero, grid, spec)
+    error, chosen = best_candidate(blocks, weights, both_scale, both_zero, grid, spec.bits)
+    chosen = chosen.unsqueeze(-1)
+    scale = both_scale.gather(-1, chosen).squeeze(-1)
+    return scale, both_zero.gather(-1, chosen).squeeze(-1), error
+
+
+def range_search(
+    blocks: torch.Tensor,
+    weights: torch.Tensor | None,
+    grid: Grid,
+    spec: QuantSpec,
+    ratios: torch.Tensor,
+    offsets: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Least-error window of each block among ``ratios x offsets`` (`affine_candidates`),
+    compared as stored with the plain range fit: float32 ``[B]`` scale, zero in code units,
+    error. The uniform grid's large searches run fused and compiled without materialising the
+    ``[B, C]`` candidates."""
+    low, width = block_range(blocks, spec)
+    ratio, position = candidate_grid(ratios, offsets)
+    ratio, position = ratio.to(blocks.device), position.to(blocks.device)
+    vmin, vmax = grid.value_range(spec.bits)
+    shape = grid.value_range(spec.bits) + (grid.center(spec.bits), spec.symmetric)
+    int_zero = spec.zero_point == "int"
+    index = None
+    num_blocks, n = blocks.shape
+    if (
+        getattr(grid, "codes_are_values", False)
+        and num_blocks * n * max(len(ratio), 16) >= fused.MIN_WORK
+        and fused.enabled(blocks.device)
+    ):
+        result = fused.range_best(blocks, weights, low, width, ratio, position, *shape, int_zero)
+        index = None if result is None else result[1]
+    if index is None:
+        scale, zero = candidate_params(low, width, ratio, position, *shape, int_zero)
+        _, index = best_candidate(blocks, weights, scale, zero, grid, spec.bits)
+    best = candidate_params(
+        low, width, ratio[index].unsqueeze(-1), position[index].unsqueeze(-1), *shape, int_zero
+    )
+    base = candidate_params(low, width, torch.ones(1), torch.zeros(1), *shape, int_zero)
+    if spec.symmetric:
+        best, base = (best[0], None), (base[0], None)
+    best = (best[0].squeeze(-1), None if best[1] is None else best[1].squeeze(-1))
+    base = (base[0].squeeze(-1), None if base[1] is None else base[1].squeeze(-1))
+    return pick_stored(blocks, weights, best, base, grid, spec)
 
 
 def least_squares_refit(
@@ -190,9 +266,9 @@ def refine(
         new_scale, new_zero = least_squares_refit(blocks, weights, scale, zero, grid, spec)
         new_zero = None if spec.symmetric else new_zero
         new_scale, new_zero = as_stored(new_scale, new_zero, grid, spec)
-        new_error = squared_errors(
+        new_error, _ = best_candidate(
             blocks, weights, new_scale[:, None], new_zero[:, None], grid, spec.bits
-        )[:, 0]
+        )
         better = new_error < error
         if not better.any():
             break

@@ -17,12 +17,12 @@ symmetric specs only: an integer zero point has no meaning between unevenly spac
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from functools import cache
 
 import torch
 
+from lowbit.distributions import FAMILIES
 from lowbit.grids.registry import register_grid
 from lowbit.spec import QuantSpec
 
@@ -37,15 +37,13 @@ FP4_LEVELS = tuple(
     sorted(v / 12 for v in (0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3))
 )
 
-# Inverse CDFs of the standard distributions, p in (0, 1), float64.
+# Inverse CDFs of the standard distributions, p in (0, 1), float64: `lowbit.distributions`'
+# families, plus the two-sided exponential (laplace), the natural form for weights.
 INVERSE_CDFS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gaussian": lambda p: math.sqrt(2.0) * torch.erfinv(2 * p - 1),
-    "logistic": lambda p: torch.log(p / (1 - p)),
-    "laplace": lambda p: -torch.sign(p - 0.5) * torch.log1p(-2 * (p - 0.5).abs()),
-    "gumbel": lambda p: -torch.log(-torch.log(p)),
-    "exponential": lambda p: -torch.log1p(-p),
-    "cauchy": lambda p: torch.tan(math.pi * (p - 0.5)),
+    name: FAMILIES[name].icdf for name in ("gaussian", "logistic", "gumbel", "exponential")
 }
+INVERSE_CDFS["laplace"] = lambda p: -torch.sign(p - 0.5) * torch.log1p(-2 * (p - 0.5).abs())
+INVERSE_CDFS["cauchy"] = FAMILIES["cauchy"].icdf
 LLOYD_MAX_FAMILIES = ("gaussian", "logistic", "laplace", "gumbel", "exponential")
 # Equal-probability samples of the distribution used as quadrature for Lloyd-Max.
 _QUADRATURE_POINTS = 1 << 18

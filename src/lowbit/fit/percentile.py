@@ -28,7 +28,8 @@ def fit_percentile(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=No
         high = torch.quantile(blocks.abs(), q / 100.0, dim=-1, keepdim=True)
         scale, zero = fit_absmax(high, grid, spec)
     else:
-        ends = torch.quantile(blocks, torch.tensor([1.0 - q / 100.0, q / 100.0]), dim=-1)
+        levels = torch.tensor([1.0 - q / 100.0, q / 100.0], device=blocks.device)
+        ends = torch.quantile(blocks, levels, dim=-1)
         scale, zero = fit_minmax(ends.transpose(0, 1).contiguous(), grid, spec)
     scale = torch.where(bad, torch.full_like(scale, float("nan")), scale)
     return scale, zero

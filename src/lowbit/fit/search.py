@@ -198,7 +198,8 @@ def range_search(
     best = candidate_params(
         low, width, ratio[index].unsqueeze(-1), position[index].unsqueeze(-1), *shape, int_zero
     )
-    base = candidate_params(low, width, torch.ones(1), torch.zeros(1), *shape, int_zero)
+    one, zero_position = torch.ones_like(ratio[:1]), torch.zeros_like(ratio[:1])
+    base = candidate_params(low, width, one, zero_position, *shape, int_zero)
     if spec.symmetric:
         best, base = (best[0], None), (base[0], None)
     best = (best[0].squeeze(-1), None if best[1] is None else best[1].squeeze(-1))

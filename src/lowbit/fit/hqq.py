@@ -7,13 +7,17 @@ generalised soft-threshold that keeps only errors too large to be worth fixing, 
 least-squares fit of the block's parameters to ``x - e`` with the codes fixed, then re-encode.
 The penalty ``beta`` grows by ``kappa`` each iteration.
 
-Where HQQ updates the zero point only, this fit also updates the scale (``update_scale``), and
-it works with every grid (codebooks too), integer zero points (rounded each iteration),
-symmetric specs (scale only) and importance weights. Each block keeps the parameters of its
-lowest weighted squared error over the iterations, so it never ends worse than ``minmax``.
+Like HQQ it starts from the block's [min, max] with the zero point rounded to a code and updates
+the zero point only (on SmolLM2 both matter: 45.4 perplexity against 47.7 from an unrounded
+start); ``update_scale`` also refits the scale. It works with every grid (codebooks too),
+integer zero points (rounded each iteration), symmetric specs (scale only) and importance
+weights. Each block keeps the parameters of its lowest weighted squared error over the
+iterations (HQQ stops the whole tensor at once on its mean absolute error).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -34,7 +38,8 @@ HQQ_DEFAULTS = {
     "lp_norm": 0.7,
     "beta": 10.0,
     "kappa": 1.01,
-    "update_scale": True,
+    "update_scale": False,
+    "round_start": True,
 }
 
 
@@ -46,10 +51,15 @@ def shrink_lp(error: torch.Tensor, beta: float, p: float) -> torch.Tensor:
 
 @register_fit("hqq", HQQ_DEFAULTS)
 def fit_hqq(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
-    """Half-quadratic fit starting from the range fit; see the module docstring.
+    """Half-quadratic fit; see the module docstring.
+
+    Iterates in float32 and rounds for storage once, at the end (an integer zero point is
+    rounded every iteration, since it must stay on the grid).
 
     Options: ``iterations`` (20), ``lp_norm`` (0.7, in (0, 1]), ``beta`` (10.0), ``kappa``
-    (1.01), ``update_scale`` (True).
+    (1.01), ``update_scale`` (False: HQQ's zero-only update; True also refits the scale, which
+    lowers the weight error but, on SmolLM2, not the perplexity), ``round_start`` (True: HQQ's
+    start, the block's [min, max] with the zero point rounded to a code; uniform grid only).
     """
     opts = fit_options(spec)
     iterations, p = int(opts["iterations"]), float(opts["lp_norm"])
@@ -60,9 +70,9 @@ def fit_hqq(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
         raise ValueError(f"fit 'hqq': lp_norm must be in (0, 1], got {p}")
     if beta <= 0 or kappa <= 0:
         raise ValueError(f"fit 'hqq': beta and kappa must be > 0, got {beta}, {kappa}")
-    start = fit_absmax if spec.symmetric else fit_minmax
-    scale, zero = start(blocks, grid, spec)
-    scale, zero = as_stored(scale, zero, grid, spec)
+    scale, zero = _start(blocks, grid, spec, bool(opts["round_start"]))
+    vmin, vmax = grid.value_range(spec.bits)
+    int_zero = not spec.symmetric and spec.zero_point == "int"
     best_scale, best_zero = scale, zero
     best_error = _error(blocks, weights, scale, zero, grid, spec)
     # A symmetric block has no zero to move: there the scale is the only free parameter.
@@ -78,15 +88,31 @@ def fit_hqq(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
             )
         else:
             new_zero = _zero_only(target, values, scale, weights)
+        if int_zero:
+            new_zero = new_zero.round().clamp(vmin, vmax)
         zero = zero if spec.symmetric else new_zero
-        scale, zero = as_stored(scale, None if spec.symmetric else zero, grid, spec)
         error = _error(blocks, weights, scale, zero, grid, spec)
         better = error < best_error
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
         best_error = torch.where(better, error, best_error)
         beta *= kappa
-    return to_fit_result(best_scale, best_zero, grid, spec)
+    zero = None if spec.symmetric else best_zero
+    return to_fit_result(*as_stored(best_scale, zero, grid, spec), grid, spec)
+
+
+def _start(blocks, grid, spec, round_start):
+    """The starting point: the range fit; with ``round_start`` (HQQ's), the block's own
+    [min, max] with the zero point rounded to a code, so 0.0 starts on the grid."""
+    if spec.symmetric:
+        scale, zero = fit_absmax(blocks, grid, spec)
+    elif round_start and getattr(grid, "codes_are_values", False):
+        scale, zero = fit_minmax(blocks, grid, replace(spec, zero_point="float"))
+        vmin, vmax = grid.value_range(spec.bits)
+        zero = zero.round().clamp(vmin, vmax)
+    else:
+        scale, zero = fit_minmax(blocks, grid, spec)
+    return as_stored(scale, zero, grid, spec)
 
 
 def _zero_only(target, values, scale, weights):

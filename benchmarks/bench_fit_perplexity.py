@@ -8,10 +8,12 @@ tokens of Tiny Shakespeare (never the evaluation text). HQQ comes from the `benc
 cannot be imported its rows are skipped.
 
 Run: .venv/bin/python benchmarks/bench_fit_perplexity.py [bits ...]   (default: 4 3 2)
+(``LOWBIT_BENCH_ONLY=text`` keeps only the rows whose label contains ``text``.)
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -85,6 +87,8 @@ def main() -> None:
         print("| method | bits/weight | perplexity | Δppl | mean rel. error | quantize s |")
         print("| --- | --- | --- | --- | --- | --- |")
         for label, (make, calibrated) in methods(bits).items():
+            if os.environ.get("LOWBIT_BENCH_ONLY", "") not in label:
+                continue
             try:
                 run = make(bits, GROUP) if make is hqq_restore else make()
             except ImportError as err:

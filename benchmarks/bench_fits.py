@@ -11,7 +11,8 @@ Accuracy: mean relative Frobenius error over every Linear weight of the real all
 and SmolLM2-135M (tied lm_head excluded) per fit, at 4, 3 and 2 bits, group 64, with the real
 HQQ package (the `bench` extra) at the same bits and group size.
 
-Run: .venv/bin/python benchmarks/bench_fits.py [speed|accuracy]   (default: both)
+Run: .venv/bin/python benchmarks/bench_fits.py [speed|accuracy] [FIT,FIT...]   (default: both,
+every fit; the list limits the accuracy rows to those fits, plus the HQQ package).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def speed() -> None:
         start = time.perf_counter()
         lowbit.quantize(weight, spec)  # warm-up, includes compiling kernels
         first = time.perf_counter() - start
-        reps = 3 if compile_flag == "1" else 1
+        reps = 3 if compile_flag == "1" and fit in ("mse", "percentile") else 1
         seconds = median_seconds(lambda spec=spec: lowbit.quantize(weight, spec), reps, 0)
         base_now = median_seconds(lambda: lowbit.quantize(weight, rtn), reps=3, warmup=0)
         print(f"| {label} | {seconds:.3f} (first call {first:.1f}) | {seconds / base_now:.1f} |")
@@ -95,7 +96,7 @@ def speed() -> None:
     print(f"| DAREQuantLinear (40 scales, all rows at once) | {ours:.2f} | {loop / ours:.1f} |")
 
 
-def accuracy() -> None:
+def accuracy(only: set[str] | None = None) -> None:
     models = {
         "all-MiniLM-L6-v2": linear_weights(minilm_dir()),
         "SmolLM2-135M": linear_weights(smollm2_dir()),
@@ -106,6 +107,8 @@ def accuracy() -> None:
         print("| --- | --- | " + " | ".join("---" for _ in models) + " | --- |")
         rows = {f"HQQ package {bits}-bit g64 (peer)": lambda b=bits: hqq(b, 64)}
         for fit in ("minmax", "percentile", "entropy", "hqq", "mse"):
+            if only and fit not in only:
+                continue
             for zero in ("int", "float"):
                 spec = lowbit.QuantSpec(
                     bits=bits, group_size=64, fit=None if fit == "minmax" else fit, zero_point=zero
@@ -148,4 +151,4 @@ if __name__ == "__main__":
     if what in ("speed", "both"):
         speed()
     if what in ("accuracy", "both"):
-        accuracy()
+        accuracy(set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None)

@@ -90,7 +90,6 @@ def uniform_best(
     error 0). Returns (float32 ``[B]``, int64 ``[B]``; the first index on ties), or ``None`` if
     compiling is unavailable (the caller scores eagerly).
     """
-    global _broken
     num_blocks, n = x.shape
     count = inv.shape[1]
     errors = torch.empty(num_blocks, dtype=torch.float32, device=x.device)
@@ -106,21 +105,11 @@ def uniform_best(
             return errors, index
         fn = _kernel("many", w is not None)
         step = max(1, _STATIC_WORK // (n * count))
-        for b0 in range(0, num_blocks, step):
-            b1 = min(num_blocks, b0 + step)
-            args = [x[b0:b1], None if w is None else w[b0:b1], inv[b0:b1], zero[b0:b1]]
-            if b1 - b0 < step:  # pad: one static shape, one compiled kernel
-                args = [None if a is None else _pad(a, step) for a in args]
+        for b0, b1, args in _chunks(num_blocks, step, [x, w, inv, zero]):
             e, i = fn(*args, qmin, qmax)
             errors[b0:b1], index[b0:b1] = e[: b1 - b0], i[: b1 - b0]
-    except Exception as err:  # no compiler, unsupported platform: eager from now on
-        _broken = True
-        warnings.warn(
-            f"lowbit: compiled scoring unavailable ({type(err).__name__}: {err}); "
-            "using the eager loop",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    except Exception as err:
+        _give_up(err)
         return None
     return errors, index
 
@@ -141,7 +130,6 @@ def range_best(
     """`uniform_best` over the windows of `lowbit.fit.candidates.candidate_params`, computed
     inside the kernel: ``low``/``width`` float32 ``[B, 1]``, ``ratio``/``position`` ``[C]``.
     Returns (least error ``[B]``, its index ``[B]``) or ``None`` if compiling is unavailable."""
-    global _broken
     num_blocks, n = x.shape
     errors = torch.empty(num_blocks, dtype=torch.float32, device=x.device)
     index = torch.empty(num_blocks, dtype=torch.int64, device=x.device)
@@ -150,24 +138,35 @@ def range_best(
     step = max(1, _STATIC_WORK // (n * len(ratio)))
     flags = (vmin, vmax, center, symmetric, int_zero)
     try:
-        for b0 in range(0, num_blocks, step):
-            b1 = min(num_blocks, b0 + step)
-            args = [x[b0:b1], None if w is None else w[b0:b1], low[b0:b1], width[b0:b1]]
-            if b1 - b0 < step:
-                args = [None if a is None else _pad(a, step) for a in args]
-            inv, zero = params(args[2], args[3], ratio, position, *flags)
-            e, i = fn(args[0], args[1], inv, zero, vmin, vmax)
+        for b0, b1, (xs, ws, lows, widths) in _chunks(num_blocks, step, [x, w, low, width]):
+            inv, zero = params(lows, widths, ratio, position, *flags)
+            e, i = fn(xs, ws, inv, zero, vmin, vmax)
             errors[b0:b1], index[b0:b1] = e[: b1 - b0], i[: b1 - b0]
     except Exception as err:
-        _broken = True
-        warnings.warn(
-            f"lowbit: compiled scoring unavailable ({type(err).__name__}: {err}); "
-            "using the eager loop",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        _give_up(err)
         return None
     return errors, index
+
+
+def _give_up(err: Exception) -> None:
+    """No compiler, an unsupported platform: warn once and score eagerly from now on."""
+    global _broken
+    _broken = True
+    warnings.warn(
+        f"lowbit: compiled scoring unavailable ({type(err).__name__}: {err}); using the eager loop",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _chunks(num_blocks: int, step: int, tensors: list):
+    """(start, stop, tensors sliced to [start:stop] and zero-padded to ``step`` rows)."""
+    for b0 in range(0, num_blocks, step):
+        b1 = min(num_blocks, b0 + step)
+        sliced = [None if t is None else t[b0:b1] for t in tensors]
+        if b1 - b0 < step:  # pad: one static shape, one compiled kernel
+            sliced = [None if t is None else _pad(t, step) for t in sliced]
+        yield b0, b1, sliced
 
 
 def _pad(t: torch.Tensor, rows: int) -> torch.Tensor:

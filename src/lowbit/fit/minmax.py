@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.fit.candidates import block_range
 from lowbit.fit.registry import register_fit
 from lowbit.grids import Grid
 from lowbit.spec import QuantSpec
@@ -21,16 +22,10 @@ def fit_minmax(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     if spec.symmetric:
         return fit_absmax(blocks, grid, spec)
     vmin, vmax = grid.value_range(spec.bits)
-    lo, hi = torch.aminmax(blocks, dim=-1)
-    # The integer zero point must lie on the grid: include 0. A constant block gets [c, 0] or
-    # [0, c] either way, so that only all-zero blocks are left with an empty range.
-    if spec.zero_point == "int":
-        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
-    else:
-        constant = lo == hi
-        lo = torch.where(constant, lo.clamp(max=0.0), lo)
-        hi = torch.where(constant, hi.clamp(min=0.0), hi)
-    scale = (hi - lo) / (vmax - vmin)  # 0 for an all-zero block: quantize restores exact zeros
+    # The integer zero point must lie on the grid: the range includes 0. A constant block gets
+    # [c, 0] or [0, c] either way, so that only all-zero blocks are left with an empty range.
+    lo, width = (t.squeeze(-1) for t in block_range(blocks, spec))
+    scale = width / (vmax - vmin)  # 0 for an all-zero block: quantize restores exact zeros
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # NaN stays NaN
     zero = vmin - lo / safe
     return scale, zero

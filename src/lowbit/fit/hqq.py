@@ -38,7 +38,7 @@ HQQ_DEFAULTS = {
     "lp_norm": 0.7,
     "beta": 10.0,
     "kappa": 1.01,
-    "update_scale": False,
+    "update_scale": None,
     "round_start": True,
 }
 
@@ -57,8 +57,10 @@ def fit_hqq(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     rounded every iteration, since it must stay on the grid).
 
     Options: ``iterations`` (20), ``lp_norm`` (0.7, in (0, 1]), ``beta`` (10.0), ``kappa``
-    (1.01), ``update_scale`` (False: HQQ's zero-only update; True also refits the scale, which
-    lowers the weight error but, on SmolLM2, not the perplexity), ``round_start`` (True: HQQ's
+    (1.01), ``update_scale`` (None: HQQ's zero-only update for a float zero point, a scale
+    refit for an integer one, whose zero moves in whole codes only; True also refits the scale
+    of float-zero blocks, which lowers the weight error but, on SmolLM2, not the perplexity),
+    ``round_start`` (True: HQQ's
     start, the block's [min, max] with the zero point rounded to a code; uniform grid only).
     """
     opts = fit_options(spec)
@@ -75,8 +77,12 @@ def fit_hqq(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     int_zero = not spec.symmetric and spec.zero_point == "int"
     best_scale, best_zero = scale, zero
     best_error = _error(blocks, weights, scale, zero, grid, spec)
-    # A symmetric block has no zero to move: there the scale is the only free parameter.
-    free_scale = bool(opts["update_scale"]) or spec.symmetric
+    # A symmetric block has no zero to move, and an integer zero moves only in whole codes:
+    # there the scale is what the iterations update (unless told otherwise).
+    update = opts["update_scale"]
+    if update is not None and not isinstance(update, bool):
+        raise TypeError(f"fit 'hqq': update_scale must be a bool or None, got {update!r}")
+    free_scale = spec.symmetric or (update if update is not None else spec.zero_point != "float")
     for _ in range(iterations):
         inv = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale)).unsqueeze(-1)
         values = nearest_values(torch.addcmul(zero.unsqueeze(-1), blocks, inv), grid, spec.bits)

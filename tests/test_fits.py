@@ -272,10 +272,14 @@ def reference_hqq(block, iterations=20, beta=10.0, kappa=1.01, p=0.7):
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 2**16), spread=st.sampled_from([0.02, 1.0]))
-def test_hqq_matches_a_plain_hqq_loop(seed, spread):
+@given(
+    seed=st.integers(0, 2**16),
+    spread=st.sampled_from([0.02, 1.0]),
+    shift=st.sampled_from([0.1, 3.0]),  # 3 sigma: one-sided blocks (zero outside the grid)
+)
+def test_hqq_matches_a_plain_hqq_loop(seed, spread, shift):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(4, 64, generator=g) * spread + 0.1 * spread
+    w = torch.randn(4, 64, generator=g) * spread + shift * spread
     spec = spec_for("hqq", zero_point="float", group=64)
     spec = QuantSpec(**{**spec.to_dict(), "scale_dtype": "float32"})
     restored = quantize(w, spec).dequantize()
@@ -407,6 +411,11 @@ def test_half_precision_inputs(fit, dtype):
         ("dare", {"scales": 0}, ValueError, "scales"),
         ("dare", {"min_ratio": 0.0}, ValueError, "min_ratio"),
         ("minmax", {"candidates": 5}, ValueError, "takes: none"),
+        ("mse", {"refits": 2.0}, TypeError, "refits"),
+        ("mse", {"offsets": 1000}, ValueError, "offsets"),
+        ("hqq", {"iterations": 0.5}, TypeError, "iterations"),
+        ("dare", {"lambda_entropy": -1.0}, ValueError, "lambda_entropy"),
+        ("entropy", {"max_ratio": 1e38}, ValueError, "max_ratio"),
     ],
 )
 def test_bad_options(fit, options, err, match):
@@ -454,3 +463,47 @@ def test_compiled_and_eager_scoring_agree(monkeypatch, kwargs):
     if fused._broken:
         pytest.skip("torch.compile is unavailable here")
     assert results["1"] == pytest.approx(results["0"], rel=1e-4)
+
+
+@pytest.mark.parametrize("fit", ["mse", "hqq", "entropy", "dare"])
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
+def test_offset_blocks_are_stored_once(fit, scale_dtype):
+    # Groups far from 0 next to their spread: rounding a float zero point for storage twice
+    # moved it by a whole float16 step, more than the group's range (found in review).
+    torch.manual_seed(0)
+    spread = 10 ** (-5 * torch.rand(256, 1) - 1)
+    w = torch.randn(256, 1) * 0.05 + torch.randn(256, 32) * spread
+    base = {"bits": 4, "zero_point": "float", "scale_dtype": scale_dtype}
+    spec = QuantSpec(**base, fit=fit)
+    qt = quantize(w, spec)
+    # What is stored is the fit's result rounded once, exactly what the fit scored.
+    scale, zero = as_stored(*get_fit(fit)(w, get_grid("int"), spec), get_grid("int"), spec)
+    assert torch.equal(qt.scale.float().view(-1), scale)
+    if fit == "mse":  # and mse keeps its promise: never worse than minmax, as stored
+        minmax = (quantize(w, QuantSpec(**base)).dequantize() - w).pow(2).sum(-1)
+        searched = (qt.dequantize() - w).pow(2).sum(-1)
+        assert (searched <= minmax * (1 + 1e-4) + 1e-20).all()
+
+
+def test_percentile_quantile_matches_torch_and_takes_huge_rows():
+    from lowbit.fit.percentile import quantile
+
+    x = torch.randn(7, 129)
+    for p in (0.0, 0.001, 0.5, 0.999, 1.0):
+        assert torch.allclose(quantile(x, p), torch.quantile(x, p, dim=-1), atol=1e-6)
+    big = torch.randn(1, (1 << 24) + 1)  # beyond torch.quantile's limit
+    spec = QuantSpec(bits=8, granularity="tensor", fit="percentile")
+    assert torch.isfinite(quantize(big, spec).scale).all()
+
+
+def test_importance_never_carries_a_graph():
+    w = heavy_tailed(8, 64)
+    importance = torch.rand(64, requires_grad=True)
+    qt = quantize(w, spec_for("mse"), importance=importance)
+    assert not qt.scale.requires_grad and qt.scale.grad_fn is None
+
+
+def test_absmax_refuses_one_sided_codebooks():
+    spec = QuantSpec(bits=4, grid="exponential", zero_point="float", fit="absmax")
+    with pytest.raises(ValueError, match="one-sided"):
+        quantize(torch.randn(4, 32), spec)

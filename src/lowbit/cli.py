@@ -136,6 +136,11 @@ def cmd_quantize(args) -> int:
     spec = specs[0]
     if args.calibrate < 0:
         raise ValueError(f"--calibrate must be >= 0, got {args.calibrate}")
+    if args.calibrate and spec.fit in ("minmax", "absmax", "percentile"):
+        raise ValueError(
+            f"--calibrate needs a searching fit (--fit mse, hqq or entropy); {spec.fit!r} "
+            "does not use importance"
+        )
     exclude = DEFAULT_EXCLUDE if args.exclude is None else args.exclude
     source = resolve_model(args.model)
     label = (
@@ -159,11 +164,6 @@ def cmd_quantize(args) -> int:
     if args.calibrate:
         from lowbit.calibrate import calibration_batches, input_importance
 
-        if spec.fit in ("minmax", "absmax", "percentile"):
-            raise ValueError(
-                f"--calibrate needs a searching fit (--fit mse, hqq or entropy); {spec.fit!r} "
-                "does not use importance"
-            )
         print(f"calibrating on {args.calibrate} x 512 tokens of Tiny Shakespeare")
         importance = input_importance(model, calibration_batches(tokenizer, args.calibrate))
     report = quantize_model(
@@ -200,8 +200,11 @@ def cli_specs(args) -> list[QuantSpec]:
 
     Every spec is checked against its grid here, before any model is loaded.
     """
+    import torch
+
     from lowbit.fit import fit_options
     from lowbit.grids import CodebookGrid, available_grids, get_grid
+    from lowbit.quantize import quantize
 
     options = parse_fit_options(args.fit_option)
 
@@ -220,6 +223,8 @@ def cli_specs(args) -> list[QuantSpec]:
         )
         get_grid(grid).check_spec(spec)
         fit_options(spec)  # unknown fit or option: fail before loading the model
+        # Option values out of range too: one tiny block runs every check of the fit.
+        quantize(torch.linspace(-1.0, 1.0, spec.group_size or 8)[None], spec, name="--fit-option")
         return spec
 
     float_zero = args.zero_point == "float"

@@ -125,6 +125,7 @@ def _importance_matrix(importance, tensor, layout, spec, name):
             f"{name}: importance weights cannot be combined with rotation (the rotated weights "
             f"mix input features); drop one of the two"
         )
+    importance = importance.detach()  # weights of a search, never part of a graph
     if tuple(importance.shape) == tuple(tensor.shape):
         matrix = importance.reshape(layout.rows, layout.cols)
     elif importance.dim() == 1 and tensor.dim() == 2 and importance.shape[0] == layout.cols:

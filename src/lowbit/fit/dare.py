@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.fit.registry import fit_options, register_fit
-from lowbit.fit.search import affine_candidates, as_stored, nearest_values, pick, to_fit_result
+from lowbit.fit.search import affine_candidates, as_stored, nearest_values, pick
 from lowbit.grids import Grid
 from lowbit.spec import QuantSpec
 
@@ -66,9 +66,12 @@ def fit_dare(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
         )
     if not 0.0 < low <= 1.0:
         raise ValueError(f"fit 'dare': min_ratio must be in (0, 1], got {low}")
+    for name in ("lambda_weight", "lambda_entropy"):
+        if not 0.0 <= float(opts[name]) < float("inf"):
+            raise ValueError(f"fit 'dare': {name} must be finite and >= 0, got {opts[name]}")
     ratios = dare_ratios(grid, spec, scales, clip, low)
-    scale, zero = affine_candidates(blocks, grid, spec, ratios, 1)
-    scale, zero = as_stored(scale, zero, grid, spec)
+    raw_scale, raw_zero = affine_candidates(blocks, grid, spec, ratios, 1)
+    scale, zero = as_stored(raw_scale, raw_zero, grid, spec)  # scored as they will be stored
     loss = dare_objective(
         blocks,
         weights,
@@ -80,8 +83,9 @@ def fit_dare(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
         float(opts["lambda_weight"]),
         float(opts["lambda_entropy"]),
     )
-    scale, zero = pick(loss, scale, zero)
-    return to_fit_result(scale, zero, grid, spec)
+    # Raw parameters: quantize rounds them for storage, once, to exactly what was scored.
+    scale, zero = pick(loss, raw_scale, raw_zero)
+    return scale, zero
 
 
 def density_entropy(residual: torch.Tensor, bins: int) -> torch.Tensor:

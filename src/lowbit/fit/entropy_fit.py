@@ -20,7 +20,7 @@ import torch
 from lowbit.entropy import block_code_entropy, block_histogram_entropy
 from lowbit.fit.mse import check_search_options, ratio_grid
 from lowbit.fit.registry import fit_options, register_fit
-from lowbit.fit.search import affine_candidates, as_stored, nearest_codes, pick, to_fit_result
+from lowbit.fit.search import affine_candidates, as_stored, nearest_codes, pick
 from lowbit.grids import Grid
 from lowbit.spec import QuantSpec
 
@@ -53,18 +53,19 @@ def fit_entropy(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None)
     if not 2 <= bins <= 1 << 16:
         raise ValueError(f"fit 'entropy': bins must be in 2..65536, got {bins}")
     high = float(opts["max_ratio"])
-    if high < 1.0:
-        raise ValueError(f"fit 'entropy': max_ratio must be >= 1, got {high}")
+    if not 1.0 <= high <= 1000.0:
+        raise ValueError(f"fit 'entropy': max_ratio must be in [1, 1000], got {high}")
     offsets = 1 if spec.symmetric else int(opts["offsets"])
     low = float(opts["min_ratio"])
     count = int(opts["candidates"])
     # Ratio 1 (the plain range fit) first, then the rest of [low, high].
     ratios = torch.cat([torch.ones(1), ratio_grid(max(1, count - offsets), offsets, low, high)])
-    scale, zero = affine_candidates(blocks, grid, spec, ratios, offsets)
-    scale, zero = as_stored(scale, zero, grid, spec)
+    raw_scale, raw_zero = affine_candidates(blocks, grid, spec, ratios, offsets)
+    scale, zero = as_stored(raw_scale, raw_zero, grid, spec)  # scored as they will be stored
     loss = objective(blocks, weights, scale, zero, grid, spec.bits, lam, source, bins)
-    scale, zero = pick(loss, scale, zero)
-    return to_fit_result(scale, zero, grid, spec)
+    # Raw parameters: quantize rounds them for storage, once, to exactly what was scored.
+    scale, zero = pick(loss, raw_scale, raw_zero)
+    return scale, zero
 
 
 def objective(blocks, weights, scale, zero, grid, bits, lam, source, bins) -> torch.Tensor:

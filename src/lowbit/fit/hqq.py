@@ -17,18 +17,14 @@ iterations (HQQ stops the whole tensor at once on its mean absolute error).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from lowbit.fit.minmax import fit_absmax, fit_minmax
 from lowbit.fit.registry import fit_options, register_fit
 from lowbit.fit.search import (
-    as_stored,
     best_candidate,
     least_squares_refit,
     nearest_values,
-    to_fit_result,
 )
 from lowbit.grids import Grid
 from lowbit.spec import QuantSpec
@@ -103,22 +99,25 @@ def fit_hqq(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
         best_zero = torch.where(better, zero, best_zero)
         best_error = torch.where(better, error, best_error)
         beta *= kappa
-    zero = None if spec.symmetric else best_zero
-    return to_fit_result(*as_stored(best_scale, zero, grid, spec), grid, spec)
+    # Raw parameters: quantize rounds them for storage, once.
+    return best_scale, None if spec.symmetric else best_zero
 
 
 def _start(blocks, grid, spec, round_start):
-    """The starting point: the range fit; with ``round_start`` (HQQ's), the block's own
-    [min, max] with the zero point rounded to a code, so 0.0 starts on the grid."""
+    """The starting point (raw float32 ``[B]`` scale and zero in code units): the range fit;
+    for a float zero point with ``round_start`` (HQQ's) on the uniform grid, the zero rounded
+    to a whole code (not clamped: a one-sided block keeps its own range). An integer zero
+    point is rounded (and on the grid); a symmetric block's zero is the grid's centre."""
     if spec.symmetric:
-        scale, zero = fit_absmax(blocks, grid, spec)
-    elif round_start and getattr(grid, "codes_are_values", False):
-        scale, zero = fit_minmax(blocks, grid, replace(spec, zero_point="float"))
+        scale, _ = fit_absmax(blocks, grid, spec)
+        return scale, torch.full_like(scale, grid.center(spec.bits))
+    scale, zero = fit_minmax(blocks, grid, spec)
+    if spec.zero_point == "int":
         vmin, vmax = grid.value_range(spec.bits)
-        zero = zero.round().clamp(vmin, vmax)
-    else:
-        scale, zero = fit_minmax(blocks, grid, spec)
-    return as_stored(scale, zero, grid, spec)
+        return scale, zero.round().clamp(vmin, vmax)
+    if round_start and getattr(grid, "codes_are_values", False):
+        zero = zero.round()
+    return scale, zero
 
 
 def _zero_only(target, values, scale, weights):

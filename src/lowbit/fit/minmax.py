@@ -37,8 +37,13 @@ def fit_absmax(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
 
     Used with an asymmetric spec it still stores a zero point, fixed at the centre.
     """
-    _, vmax = grid.value_range(spec.bits)
+    vmin, vmax = grid.value_range(spec.bits)
     center = grid.center(spec.bits)
+    if vmin >= center:
+        raise ValueError(
+            f"fit 'absmax' needs a grid with levels on both sides of its centre; grid "
+            f"{spec.grid!r} at {spec.bits} bits is one-sided: use fit='minmax' (or 'mse')"
+        )
     absmax = blocks.abs().amax(dim=-1)
     scale = absmax / (vmax - center)  # 0 for an all-zero block: quantize restores exact zeros
     zero = None if spec.symmetric else torch.full_like(scale, center)

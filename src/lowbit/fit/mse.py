@@ -10,7 +10,6 @@ from lowbit.fit.registry import fit_options, register_fit
 from lowbit.fit.search import (
     range_search,
     refine,
-    to_fit_result,
 )
 from lowbit.grids import Grid
 from lowbit.spec import QuantSpec
@@ -24,8 +23,8 @@ def check_search_options(opts: dict, fit: str) -> None:
         raise ValueError(f"fit {fit!r}: candidates must be in 1..10000, got {opts['candidates']}")
     if not 0.0 < float(opts["min_ratio"]) <= 1.0:
         raise ValueError(f"fit {fit!r}: min_ratio must be in (0, 1], got {opts['min_ratio']}")
-    if int(opts.get("offsets", 1)) < 1:
-        raise ValueError(f"fit {fit!r}: offsets must be >= 1, got {opts['offsets']}")
+    if not 1 <= int(opts.get("offsets", 1)) <= 100:
+        raise ValueError(f"fit {fit!r}: offsets must be in 1..100, got {opts['offsets']}")
     if int(opts.get("refits", 0)) < 0:
         raise ValueError(f"fit {fit!r}: refits must be >= 0, got {opts['refits']}")
 
@@ -58,6 +57,5 @@ def fit_mse(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     check_search_options(opts, "mse")
     offsets = 1 if spec.symmetric else int(opts["offsets"])
     ratios = ratio_grid(int(opts["candidates"]), offsets, float(opts["min_ratio"]))
-    scale, zero, error = range_search(blocks, weights, grid, spec, ratios, offsets)
-    scale, zero, _ = refine(blocks, weights, scale, zero, error, grid, spec, opts["refits"])
-    return to_fit_result(scale, zero, grid, spec)
+    fitted = range_search(blocks, weights, grid, spec, ratios, offsets)
+    return refine(blocks, weights, fitted, grid, spec, int(opts["refits"])).result()

@@ -25,11 +25,25 @@ def fit_percentile(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=No
         raise ValueError(f"fit 'percentile': percentile must be in (50, 100], got {q}")
     bad = ~torch.isfinite(blocks).all(dim=-1)  # a quantile can step over a lone Inf
     if spec.symmetric:
-        high = torch.quantile(blocks.abs(), q / 100.0, dim=-1, keepdim=True)
+        high = quantile(blocks.abs(), q / 100.0).unsqueeze(-1)
         scale, zero = fit_absmax(high, grid, spec)
     else:
-        levels = torch.tensor([1.0 - q / 100.0, q / 100.0], device=blocks.device)
-        ends = torch.quantile(blocks, levels, dim=-1)
-        scale, zero = fit_minmax(ends.transpose(0, 1).contiguous(), grid, spec)
+        ends = torch.stack([quantile(blocks, 1.0 - q / 100.0), quantile(blocks, q / 100.0)], -1)
+        scale, zero = fit_minmax(ends, grid, spec)
     scale = torch.where(bad, torch.full_like(scale, float("nan")), scale)
     return scale, zero
+
+
+def quantile(blocks: torch.Tensor, p: float) -> torch.Tensor:
+    """The ``p`` quantile of each row of ``blocks [B, n]`` with linear interpolation (as
+    ``torch.quantile``, which refuses rows over 2**24 elements): float32 ``[B]``. NaN rows give
+    NaN (``kthvalue`` orders NaN last), which the caller turns into a non-finite scale anyway."""
+    n = blocks.shape[-1]
+    position = p * (n - 1)
+    below = int(position)
+    above = min(below + 1, n - 1)
+    low = torch.kthvalue(blocks, below + 1, dim=-1).values
+    if above == below:
+        return low
+    high = torch.kthvalue(blocks, above + 1, dim=-1).values
+    return low + (high - low) * (position - below)

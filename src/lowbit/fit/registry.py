@@ -89,6 +89,8 @@ def fit_options(spec: QuantSpec) -> dict:
 def _same_kind(default, value) -> bool:
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, (int, float)):
+    if isinstance(default, int):  # counts: a float (2.0, 2.9) is refused, not truncated
+        return isinstance(value, int)
+    if isinstance(default, float):
         return isinstance(value, (int, float))
     return isinstance(value, type(default))

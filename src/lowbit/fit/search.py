@@ -11,6 +11,8 @@ loop is the only Python loop, and it walks sub-chunks of the blocks sized to sta
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lowbit.fit import fused
@@ -140,29 +142,47 @@ def pick(errors: torch.Tensor, *params: torch.Tensor | None) -> list[torch.Tenso
     return [None if p is None else p.gather(-1, best).squeeze(-1) for p in params]
 
 
-def pick_stored(
-    blocks: torch.Tensor,
-    weights: torch.Tensor | None,
-    best: tuple[torch.Tensor, torch.Tensor | None],
-    base: tuple[torch.Tensor, torch.Tensor | None],
-    grid: Grid,
-    spec: QuantSpec,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The better, as stored, of each block's search winner ``best`` and its range fit
-    ``base`` (each (scale, zero) float32 ``[B]``, zero ``None`` if symmetric): float32 ``[B]``
-    scale, zero in code units and error.
+@dataclass
+class Fitted:
+    """Per-block parameters of a search, float32 ``[B]``: ``raw`` as fitted (what a fit
+    returns: `lowbit.quantize` rounds it for storage exactly once) and ``stored`` as that
+    rounding makes them (what was scored), with the squared ``error`` as stored."""
 
-    Candidates are scored before the storage rounding of the scale (a relative change of at
-    most 2**-11 in float16, too small to reorder them, and costly on ``[B, C]``); comparing the
-    stored winner with the stored range fit keeps the promise that a search never ends worse.
-    """
-    both_scale = torch.stack([best[0], base[0]], dim=-1)
-    both_zero = None if best[1] is None else torch.stack([best[1], base[1]], dim=-1)
-    both_scale, both_zero = as_stored(both_scale, both_zero, grid, spec)
-    error, chosen = best_candidate(blocks, weights, both_scale, both_zero, grid, spec.bits)
-    chosen = chosen.unsqueeze(-1)
-    scale = both_scale.gather(-1, chosen).squeeze(-1)
-    return scale, both_zero.gather(-1, chosen).squeeze(-1), error
+    raw_scale: torch.Tensor
+    raw_zero: torch.Tensor | None
+    scale: torch.Tensor
+    zero: torch.Tensor
+    error: torch.Tensor
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fit's return value: the raw parameters."""
+        return self.raw_scale, self.raw_zero
+
+
+def score_raw(blocks, weights, scale, zero, grid, spec) -> Fitted:
+    """Round one raw parameter set (``[B]`` each, zero ``None`` if symmetric) for storage and
+    score it as stored."""
+    stored_scale, stored_zero = as_stored(scale, zero, grid, spec)
+    error, _ = best_candidate(
+        blocks, weights, stored_scale[:, None], stored_zero[:, None], grid, spec.bits
+    )
+    return Fitted(scale, zero, stored_scale, stored_zero, error)
+
+
+def keep_better(old: Fitted, new: Fitted) -> Fitted:
+    """Per block, whichever of ``old`` and ``new`` has the lower error as stored (old on ties)."""
+    better = new.error < old.error
+
+    def pick(a, b):
+        return None if a is None else torch.where(better, b, a)
+
+    return Fitted(
+        pick(old.raw_scale, new.raw_scale),
+        pick(old.raw_zero, new.raw_zero),
+        pick(old.scale, new.scale),
+        pick(old.zero, new.zero),
+        pick(old.error, new.error),
+    )
 
 
 def range_search(
@@ -172,11 +192,10 @@ def range_search(
     spec: QuantSpec,
     ratios: torch.Tensor,
     offsets: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Fitted:
     """Least-error window of each block among ``ratios x offsets`` (`affine_candidates`),
-    compared as stored with the plain range fit: float32 ``[B]`` scale, zero in code units,
-    error. The uniform grid's large searches run fused and compiled without materialising the
-    ``[B, C]`` candidates."""
+    compared as stored with the plain range fit. The uniform grid's large searches run fused
+    and compiled without materialising the ``[B, C]`` candidates."""
     low, width = block_range(blocks, spec)
     ratio, position = candidate_grid(ratios, offsets)
     ratio, position = ratio.to(blocks.device), position.to(blocks.device)
@@ -200,11 +219,14 @@ def range_search(
     )
     one, zero_position = torch.ones_like(ratio[:1]), torch.zeros_like(ratio[:1])
     base = candidate_params(low, width, one, zero_position, *shape, int_zero)
-    if spec.symmetric:
-        best, base = (best[0], None), (base[0], None)
-    best = (best[0].squeeze(-1), None if best[1] is None else best[1].squeeze(-1))
-    base = (base[0].squeeze(-1), None if base[1] is None else base[1].squeeze(-1))
-    return pick_stored(blocks, weights, best, base, grid, spec)
+    # The winner was scored before the storage rounding of the scale (a relative change of at
+    # most 2**-11 in float16, too costly to apply to [B, C] candidates); comparing it, as
+    # stored, with the stored range fit keeps the promise that a search never ends worse.
+    fitted = []
+    for scale, zero in (base, best):
+        zero = None if spec.symmetric else zero.squeeze(-1)
+        fitted.append(score_raw(blocks, weights, scale.squeeze(-1), zero, grid, spec))
+    return keep_better(*fitted)
 
 
 def least_squares_refit(
@@ -253,37 +275,21 @@ def least_squares_refit(
 def refine(
     blocks: torch.Tensor,
     weights: torch.Tensor | None,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    error: torch.Tensor,
+    fitted: Fitted,
     grid: Grid,
     spec: QuantSpec,
     rounds: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Alternate least-squares refits and re-encoding ``rounds`` times, keeping per block the
-    best of old and new (so the error never rises). All float32 ``[B]``; returns the updated
-    (scale, zero in code units, error)."""
+) -> Fitted:
+    """Alternate least-squares refits (from the stored parameters' codes) and re-encoding
+    ``rounds`` times, keeping per block the better of old and new as stored (so the error
+    never rises)."""
     for _ in range(rounds):
-        new_scale, new_zero = least_squares_refit(blocks, weights, scale, zero, grid, spec)
-        new_zero = None if spec.symmetric else new_zero
-        new_scale, new_zero = as_stored(new_scale, new_zero, grid, spec)
-        new_error, _ = best_candidate(
-            blocks, weights, new_scale[:, None], new_zero[:, None], grid, spec.bits
-        )
-        better = new_error < error
-        if not better.any():
+        scale, zero = least_squares_refit(blocks, weights, fitted.scale, fitted.zero, grid, spec)
+        new = score_raw(blocks, weights, scale, None if spec.symmetric else zero, grid, spec)
+        if not (new.error < fitted.error).any():
             break
-        scale = torch.where(better, new_scale, scale)
-        zero = torch.where(better, new_zero, zero)
-        error = torch.where(better, new_error, error)
-    return scale, zero, error
-
-
-def to_fit_result(
-    scale: torch.Tensor, zero: torch.Tensor, grid: Grid, spec: QuantSpec
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fit output ``(scale, zero)`` from stored parameters: ``None`` zero for symmetric specs."""
-    return scale, None if spec.symmetric else zero
+        fitted = keep_better(fitted, new)
+    return fitted
 
 
 def nearest_codes(u: torch.Tensor, grid: Grid, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,7 +67,7 @@ def test_bad_calibration_input():
 
 def test_unused_importance_warns_and_rotation_ignores_it():
     model = TwoLayer()
-    imp = {"a": torch.ones(16), "c": torch.ones(3)}
+    imp = {"a": torch.ones(16), "b": torch.ones(32), "c": torch.ones(3)}
     report = quantize_model(
         model,
         {"a": QuantSpec(bits=4, group_size=16, fit="mse", rotation="hadamard")},
@@ -75,6 +75,7 @@ def test_unused_importance_warns_and_rotation_ignores_it():
         importance=imp,
     )
     assert any("'c'" in w and "unused" in w for w in report.warnings)
+    assert not any("'b'" in w for w in report.warnings)  # kept float by the rules: expected
     assert any("importance is not used with rotation" in w for w in report.warnings)
 
 

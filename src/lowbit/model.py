@@ -217,11 +217,14 @@ def quantize_model(
         f"pattern {p!r} matched no layer" for p in patterns if p not in used_patterns
     ]
     report.warnings += list(dict.fromkeys(rotation_notes))
-    planned = {name for name, _, _, _ in plan}
+    # Importance for a layer kept float by a rule or exclude is expected (calibration measures
+    # every layer); a name that is no Linear layer at all is a mistake worth a warning.
+    linear_names = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    linear_names |= {row.name for row in report.layers}
     report.warnings += [
-        f"importance for {name!r}, which is not quantized, is unused"
+        f"importance for {name!r} is unused: the model has no Linear layer of that name"
         for name in importance
-        if name not in planned
+        if name not in linear_names
     ]
 
     # Quantize everything first and swap afterwards, so an error leaves the model untouched.

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="scale search: minmax (default; absmax when --symmetric), mse (clipping search, "
         "best accuracy), hqq (half-quadratic), entropy (error + entropy of the codes), "
-        "percentile",
+        "percentile, dare (DARE's objective)",
     )
     q.add_argument(
         "--fit-option",

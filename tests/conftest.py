@@ -6,10 +6,17 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 # Searches on small tensors score eagerly anyway; this keeps the larger ones in the tests from
 # compiling kernels (seconds each). test_fits checks the compiled scorer against the eager one.
 os.environ.setdefault("LOWBIT_COMPILE", "0")
+
+# CI must not go red on a draw: the default profile replays the same examples on every run.
+# HYPOTHESIS_PROFILE=explore draws fresh ones each run, to hunt for new failures.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)

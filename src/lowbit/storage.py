@@ -17,10 +17,13 @@ def stored_params(
     vmin: float,
     vmax: float,
     center: float,
-    spec: QuantSpec,
+    spec: QuantSpec | str,
     scale_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Round fitted ``scale``/``zero`` (float32, any shape) to what will be stored.
+
+    ``spec`` is the spec or just its ``zero_point`` (``"int"``/``"float"``). Branch-free
+    pointwise arithmetic, so the compiled scorers (`lowbit.fit.fused`) apply the same rounding.
 
     Returns (stored scale in ``scale_dtype``, zero in code units float32 as dequantization will
     see it, stored zero or None): the stored zero is the integer code (``zero_point="int"``) or,
@@ -28,8 +31,9 @@ def stored_params(
     offset stays well conditioned where a zero in code units would not). Non-finite inputs
     stay non-finite; callers check.
     """
+    zero_point = spec if isinstance(spec, str) else spec.zero_point
     offset = None
-    if zero is not None and spec.zero_point == "float":
+    if zero is not None and zero_point == "float":
         # Store the range's low end rounded *down*, then widen the scale to still reach the
         # high end: every weight stays within half a step after both roundings.
         low_end = (vmin - zero) * scale
@@ -60,21 +64,24 @@ def float_zero(offset: torch.Tensor, scale: torch.Tensor, vmin: float) -> torch.
 
 
 def round_up(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``values`` (>= 0) in ``dtype``, never below the float32 value."""
+    """``values`` (float32, >= 0) in ``dtype`` (float32/float16/bfloat16), never below them."""
     stored = values.to(dtype)
-    if dtype != torch.float32:
-        low = stored.to(torch.float32) < values
-        if low.any():  # positive floats order like their bit patterns: one ulp up
-            stored = torch.where(low, (stored.view(torch.int16) + 1).view(dtype), stored)
-    return stored
+    if dtype == torch.float32:
+        return stored
+    # Positive floats order like their bit patterns: one ulp up is the next integer.
+    up = (stored.view(torch.int16) + 1).view(dtype)
+    return torch.where(stored.to(torch.float32) < values, up, stored)
 
 
 def round_down(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``values`` in ``dtype``, never above the float32 value."""
+    """``values`` (float32, any sign) in ``dtype`` (float32/float16/bfloat16), never above them."""
     stored = values.to(dtype)
-    high = stored.to(torch.float32) > values
-    if high.any():
-        stored = torch.where(
-            high, torch.nextafter(stored, torch.full_like(stored, -torch.inf)), stored
-        )
-    return stored
+    if dtype == torch.float32:
+        return stored
+    # One ulp towards -inf in sign-magnitude bits: a positive value's pattern minus one, a
+    # negative one's plus one, and zero's the smallest negative subnormal (0x8001).
+    bits = stored.view(torch.int16)
+    down = torch.where(
+        stored > 0, bits - 1, torch.where(stored == 0, torch.full_like(bits, -32767), bits + 1)
+    )
+    return torch.where(stored.to(torch.float32) > values, down.view(dtype), stored)

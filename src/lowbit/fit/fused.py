@@ -20,6 +20,7 @@ import warnings
 import torch
 
 from lowbit.fit.candidates import candidate_params
+from lowbit.storage import stored_params
 
 # Below this many element-candidates (B * max(C, 16) * n) the eager loop wins over compiling.
 MIN_WORK = 1 << 22
@@ -53,13 +54,19 @@ def _range_params(
     vmax: float,
     center: float,
     symmetric: bool,
-    int_zero: bool,
+    zero_point: str,
+    scale_dtype: torch.dtype,
 ):
     # A kernel of its own: fused into the scoring loop, inductor would redo this division for
-    # every weight instead of once per candidate.
+    # every weight instead of once per candidate. Candidates are rounded as they will be
+    # stored, so the winner is the best one as stored.
     scale, zero = candidate_params(
-        low, width, ratio, position, vmin, vmax, center, symmetric, int_zero
+        low, width, ratio, position, vmin, vmax, center, symmetric, zero_point == "int"
     )
+    scale, zero, _ = stored_params(
+        scale, None if symmetric else zero, vmin, vmax, center, zero_point, scale_dtype
+    )
+    scale = scale.to(torch.float32)
     return torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, 1.0), 0.0), zero
 
 
@@ -71,7 +78,12 @@ def enabled(device: torch.device) -> bool:
 def _kernel(kind: str, weighted: bool):
     key = (kind, weighted)
     if key not in _compiled:
-        _compiled[key] = torch.compile(_range_params if kind == "params" else _best, dynamic=False)
+        if kind == "params":
+            # Inductor otherwise drops float16/bfloat16 round trips, i.e. the storage rounding.
+            options = {"emulate_precision_casts": True}
+            _compiled[key] = torch.compile(_range_params, dynamic=False, options=options)
+        else:
+            _compiled[key] = torch.compile(_best, dynamic=False)
     return _compiled[key]
 
 
@@ -125,10 +137,12 @@ def range_best(
     vmax: float,
     center: float,
     symmetric: bool,
-    int_zero: bool,
+    zero_point: str,
+    scale_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`uniform_best` over the windows of `lowbit.fit.candidates.candidate_params`, computed
-    inside the kernel: ``low``/``width`` float32 ``[B, 1]``, ``ratio``/``position`` ``[C]``.
+    inside the kernel and rounded as stored (`lowbit.storage.stored_params`): ``low``/``width``
+    float32 ``[B, 1]``, ``ratio``/``position`` ``[C]``.
     Returns (least error ``[B]``, its index ``[B]``) or ``None`` if compiling is unavailable."""
     num_blocks, n = x.shape
     errors = torch.empty(num_blocks, dtype=torch.float32, device=x.device)
@@ -136,7 +150,7 @@ def range_best(
     fn = _kernel("many", w is not None)
     params = _kernel("params", False)
     step = max(1, _STATIC_WORK // (n * len(ratio)))
-    flags = (vmin, vmax, center, symmetric, int_zero)
+    flags = (vmin, vmax, center, symmetric, zero_point, scale_dtype)
     try:
         for b0, b1, (xs, ws, lows, widths) in _chunks(num_blocks, step, [x, w, low, width]):
             inv, zero = params(lows, widths, ratio, position, *flags)

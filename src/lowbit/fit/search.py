@@ -193,9 +193,10 @@ def range_search(
     ratios: torch.Tensor,
     offsets: int,
 ) -> Fitted:
-    """Least-error window of each block among ``ratios x offsets`` (`affine_candidates`),
-    compared as stored with the plain range fit. The uniform grid's large searches run fused
-    and compiled without materialising the ``[B, C]`` candidates."""
+    """Least-error window of each block among ``ratios x offsets`` (`affine_candidates`), every
+    candidate scored as stored (scale in ``scale_dtype``, zero rounded), the plain range fit
+    first (so it wins ties). The uniform grid's large searches run fused and compiled without
+    materialising the ``[B, C]`` candidates."""
     low, width = block_range(blocks, spec)
     ratio, position = candidate_grid(ratios, offsets)
     ratio, position = ratio.to(blocks.device), position.to(blocks.device)
@@ -209,24 +210,20 @@ def range_search(
         and num_blocks * n * max(len(ratio), 16) >= fused.MIN_WORK
         and fused.enabled(blocks.device)
     ):
-        result = fused.range_best(blocks, weights, low, width, ratio, position, *shape, int_zero)
+        dtype = FLOAT_DTYPES[spec.scale_dtype]
+        result = fused.range_best(
+            blocks, weights, low, width, ratio, position, *shape, spec.zero_point, dtype
+        )
         index = None if result is None else result[1]
     if index is None:
         scale, zero = candidate_params(low, width, ratio, position, *shape, int_zero)
+        scale, zero = as_stored(scale, None if spec.symmetric else zero, grid, spec)
         _, index = best_candidate(blocks, weights, scale, zero, grid, spec.bits)
     best = candidate_params(
         low, width, ratio[index].unsqueeze(-1), position[index].unsqueeze(-1), *shape, int_zero
     )
-    one, zero_position = torch.ones_like(ratio[:1]), torch.zeros_like(ratio[:1])
-    base = candidate_params(low, width, one, zero_position, *shape, int_zero)
-    # The winner was scored before the storage rounding of the scale (a relative change of at
-    # most 2**-11 in float16, too costly to apply to [B, C] candidates); comparing it, as
-    # stored, with the stored range fit keeps the promise that a search never ends worse.
-    fitted = []
-    for scale, zero in (base, best):
-        zero = None if spec.symmetric else zero.squeeze(-1)
-        fitted.append(score_raw(blocks, weights, scale.squeeze(-1), zero, grid, spec))
-    return keep_better(*fitted)
+    scale, zero = best[0].squeeze(-1), None if spec.symmetric else best[1].squeeze(-1)
+    return score_raw(blocks, weights, scale, zero, grid, spec)
 
 
 def least_squares_refit(

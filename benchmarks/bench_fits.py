@@ -93,7 +93,12 @@ def speed() -> None:
     loop = time.perf_counter() - start
     print(f"| per-row Python loop, DARE's search (20 scales) | {loop:.2f} | 1.0 |")
     ours = median_seconds(lambda: DAREQuantLinear(linear), reps=3, warmup=1)
-    print(f"| DAREQuantLinear (40 scales, all rows at once) | {ours:.2f} | {loop / ours:.1f} |")
+    print(f"| DAREQuantLinear (40 scales, compiled, pruned) | {ours:.2f} | {loop / ours:.1f} |")
+    os.environ["LOWBIT_COMPILE"] = "0"
+    eager = median_seconds(lambda: DAREQuantLinear(linear), reps=1, warmup=0)
+    os.environ["LOWBIT_COMPILE"] = "1"
+    label = "DAREQuantLinear, eager loop (`LOWBIT_COMPILE=0`)"
+    print(f"| {label} | {eager:.2f} | {loop / eager:.1f} |")
 
 
 def accuracy(only: set[str] | None = None) -> None:

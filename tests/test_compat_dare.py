@@ -143,3 +143,49 @@ def test_bad_layers():
         DAREQuantLinear(linear)
     empty = DAREQuantLinear(nn.Linear(0, 4))
     assert empty.weight_q.shape == (4, 0)
+
+
+@pytest.mark.parametrize("bits,le", [(4, 0.1), (3, 1.0), (2, 0.0)])
+def test_compiled_pruned_search_meets_the_seeds_objective(monkeypatch, bits, le):
+    # Large enough for the compiled path, which scores the histogram only of the candidates
+    # its bounds cannot rule out: every row still meets the seed's loss, and it picks what the
+    # eager search over every candidate picks.
+    from lowbit.fit import fused
+
+    g = torch.Generator().manual_seed(bits)
+    linear = nn.Linear(1024, 160)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(160, 1024, generator=g) * 0.02)
+        linear.weight[::7, 3] = 0.3  # outlier rows: clipping pays there
+    monkeypatch.setenv("LOWBIT_COMPILE", "1")
+    compiled = DAREQuantLinear(linear, bits=bits, lambda_entropy=le)
+    if fused._broken:
+        pytest.skip("torch.compile is unavailable here")
+    monkeypatch.setenv("LOWBIT_COMPILE", "0")
+    eager = DAREQuantLinear(linear, bits=bits, lambda_entropy=le)
+    assert (compiled.scales == eager.scales).float().mean().item() > 0.99
+    for row in range(0, 160, 9):
+        w, w_hat = linear.weight[row].detach(), compiled.weight_q[row]
+        ours = seed_loss(w, w_hat, 128, 1.0, le)
+        assert ours <= seed_search(w, bits, 128, 1.0, le) + 1e-6 * (1 + abs(ours))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(2, 300),
+    bins=st.sampled_from([1, 4, 128]),
+    spread=st.sampled_from([0.0, 1e-6, 1e-3, 1.0, 100.0]),
+)
+def test_entropy_bounds_hold_the_density_entropy(seed, n, bins, spread):
+    from lowbit.fit.dare import entropy_bounds
+
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(4, n, generator=g) * spread
+    r[1] = r[1].sign() * r[1].abs() ** 3  # a peaked one
+    lo, hi = torch.aminmax(r, dim=-1)
+    mse = (r * r).mean(-1)
+    lower, upper = entropy_bounds(lo, hi, mse, n, bins, 1.0, 1.0)
+    exact = mse + density_entropy(r, bins)
+    slack = 1e-5 * exact.abs() + 1e-5
+    assert (lower <= exact + slack).all() and (exact <= upper + slack).all()

@@ -70,15 +70,31 @@ def _range_params(
     return torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, 1.0), 0.0), zero
 
 
+def _residual_stats(x, w, scale, zero, qmin: float, qmax: float):
+    # Same arithmetic as the eager scorers (lowbit.fit.search.nearest_values), per candidate.
+    inv = torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, 1.0), 0.0)
+    u = torch.addcmul(zero.unsqueeze(-1), x.unsqueeze(1), inv.unsqueeze(-1))
+    v = u.round().clamp(qmin, qmax)
+    r = x.unsqueeze(1) - (v - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+    squared = r * r
+    if w is not None:
+        squared = squared * w.unsqueeze(1)
+    return r.amin(-1), r.amax(-1), squared.sum(-1)
+
+
 def enabled(device: torch.device) -> bool:
     """Whether the compiled scorers may be tried on ``device`` (CPU only; not disabled)."""
     return not _broken and device.type == "cpu" and os.environ.get("LOWBIT_COMPILE", "1") != "0"
 
 
-def _kernel(kind: str, weighted: bool):
+def _kernel(kind, weighted: bool):
     key = (kind, weighted)
     if key not in _compiled:
-        if kind == "params":
+        if callable(kind):
+            _compiled[key] = torch.compile(kind, dynamic=False)
+        elif kind == "stats":
+            _compiled[key] = torch.compile(_residual_stats, dynamic=False)
+        elif kind == "params":
             # Inductor otherwise drops float16/bfloat16 round trips, i.e. the storage rounding.
             options = {"emulate_precision_casts": True}
             _compiled[key] = torch.compile(_range_params, dynamic=False, options=options)
@@ -160,6 +176,52 @@ def range_best(
         _give_up(err)
         return None
     return errors, index
+
+
+def residual_stats(
+    x: torch.Tensor,
+    w: torch.Tensor | None,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    qmin: float,
+    qmax: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Per block and candidate, the residual ``r = x - (clamp(round(x / s + z)) - z) * s``'s
+    (min, max, ``sum(w * r**2)``), float32 ``[B, C]`` each, for ``x``/``w`` float32 ``[B, n]``
+    and ``scale``/``zero [B, C]``. ``None`` if compiling is unavailable."""
+    num_blocks, n = x.shape
+    out = [torch.empty_like(scale) for _ in range(3)]
+    step = max(1, _STATIC_WORK // (n * scale.shape[1]))
+    try:
+        fn = _kernel("stats", w is not None)
+        for b0, b1, args in _chunks(num_blocks, step, [x, w, scale, zero]):
+            for dest, got in zip(out, fn(*args, qmin, qmax), strict=True):
+                dest[b0:b1] = got[: b1 - b0]
+    except Exception as err:
+        _give_up(err)
+        return None
+    return tuple(out)
+
+
+def per_block(fn, x, w, scale, zero, constants: tuple) -> torch.Tensor | None:
+    """``fn(x, w, scale, zero, *constants)`` compiled, over blocks ``x [P, n]`` (``w`` the same
+    shape or ``None``, ``scale``/``zero [P, 1]``) in chunks, -> float32 ``[P]``; the block
+    count is dynamic, so one kernel serves every ``P``. ``None`` if compiling is unavailable."""
+    count, n = x.shape
+    out = torch.empty(count, dtype=torch.float32, device=x.device)
+    step = max(1, _STATIC_WORK // max(1, n))
+    try:
+        kernel = _kernel(fn, w is not None)
+        for b0 in range(0, count, step):
+            args = [None if t is None else t[b0 : b0 + step] for t in (x, w, scale, zero)]
+            for a in args:
+                if a is not None and a.shape[0] > 1:
+                    torch._dynamo.mark_dynamic(a, 0)
+            out[b0 : b0 + step] = kernel(*args, *constants)
+    except Exception as err:
+        _give_up(err)
+        return None
+    return out
 
 
 def _give_up(err: Exception) -> None:

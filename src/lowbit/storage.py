@@ -64,24 +64,31 @@ def float_zero(offset: torch.Tensor, scale: torch.Tensor, vmin: float) -> torch.
 
 
 def round_up(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``values`` (float32, >= 0) in ``dtype`` (float32/float16/bfloat16), never below them."""
+    """``values`` (float32) in ``dtype`` (float32/float16/bfloat16), never below them."""
     stored = values.to(dtype)
     if dtype == torch.float32:
         return stored
-    # Positive floats order like their bit patterns: one ulp up is the next integer.
-    up = (stored.view(torch.int16) + 1).view(dtype)
-    return torch.where(stored.to(torch.float32) < values, up, stored)
+    return torch.where(stored.to(torch.float32) < values, _neighbour(stored, 1.0), stored)
 
 
 def round_down(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``values`` (float32, any sign) in ``dtype`` (float32/float16/bfloat16), never above them."""
+    """``values`` (float32) in ``dtype`` (float32/float16/bfloat16), never above them."""
     stored = values.to(dtype)
     if dtype == torch.float32:
         return stored
-    # One ulp towards -inf in sign-magnitude bits: a positive value's pattern minus one, a
-    # negative one's plus one, and zero's the smallest negative subnormal (0x8001).
-    bits = stored.view(torch.int16)
-    down = torch.where(
-        stored > 0, bits - 1, torch.where(stored == 0, torch.full_like(bits, -32767), bits + 1)
-    )
-    return torch.where(stored.to(torch.float32) > values, down.view(dtype), stored)
+    return torch.where(stored.to(torch.float32) > values, _neighbour(stored, -1.0), stored)
+
+
+def _neighbour(stored: torch.Tensor, direction: float) -> torch.Tensor:
+    """The next representable value of ``stored``'s half-precision dtype above (``direction``
+    1) or below (-1) it.
+
+    Float arithmetic, not bit tricks, so that compiled kernels vectorise it: the spacing of the
+    format around ``t`` is between ``eps * |t| / 2`` and ``eps * |t|`` (``eps * tiny`` among
+    subnormals), so ``t +- 0.6 * eps * max(|t|, tiny)`` lies strictly between half a spacing
+    and one and a half, and rounds to the neighbour (checked exhaustively in the tests).
+    """
+    info = torch.finfo(stored.dtype)
+    t = stored.to(torch.float32)
+    step = (0.6 * info.eps) * torch.clamp(t.abs(), min=info.tiny)
+    return (t + direction * step).to(stored.dtype)

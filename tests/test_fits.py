@@ -512,3 +512,26 @@ def test_absmax_refuses_one_sided_codebooks():
     spec = QuantSpec(bits=4, grid="exponential", zero_point="float", fit="absmax")
     with pytest.raises(ValueError, match="one-sided"):
         quantize(torch.randn(4, 32), spec)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"zero_point": "float"}, {"symmetric": True, "bits": 3}, {"update_scale": True}],
+)
+def test_compiled_and_eager_hqq_agree(monkeypatch, kwargs):
+    # Large enough for the compiled half-quadratic step (one kernel, every chunk size).
+    from lowbit.fit import fused
+
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k == "update_scale"}
+    w = heavy_tailed(256, 1024)
+    importance = torch.rand(1024)
+    spec = QuantSpec(group_size=64, fit="hqq", fit_options=options or None, **{"bits": 4, **kwargs})
+    results, scales = {}, {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("LOWBIT_COMPILE", flag)
+        results[flag] = error(w, spec, importance)
+        scales[flag] = quantize(w, spec, importance=importance).scale
+    if fused._broken:
+        pytest.skip("torch.compile is unavailable here")
+    assert results["1"] == pytest.approx(results["0"], rel=1e-4)
+    assert (scales["1"] == scales["0"]).float().mean().item() > 0.99

@@ -224,6 +224,21 @@ def per_block(fn, x, w, scale, zero, constants: tuple) -> torch.Tensor | None:
     return out
 
 
+def run_dynamic(fn, tensors: list, constants: tuple):
+    """``fn(*tensors, *constants)`` compiled, the leading (block) dimension of every tensor
+    (but 0-d ones) dynamic, so that one kernel serves every chunk size. Returns
+    ``fn``'s result, or ``None`` if compiling is unavailable (the caller runs ``fn`` eagerly)."""
+    try:
+        kernel = _kernel(fn, any(t is None for t in tensors))
+        for t in tensors:
+            if t is not None and t.dim() and t.shape[0] > 1:
+                torch._dynamo.mark_dynamic(t, 0)
+        return kernel(*tensors, *constants)
+    except Exception as err:
+        _give_up(err)
+        return None
+
+
 def _give_up(err: Exception) -> None:
     """No compiler, an unsupported platform: warn once and score eagerly from now on."""
     global _broken

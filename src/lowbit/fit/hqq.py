@@ -12,13 +12,16 @@ the zero point only (on SmolLM2 both matter: 45.3 perplexity against 47.7 from a
 start); ``update_scale`` also refits the scale. It works with every grid (codebooks too),
 integer zero points (rounded each iteration), symmetric specs (scale only) and importance
 weights. Each block keeps the parameters of its lowest weighted squared error over the
-iterations (HQQ stops the whole tensor at once on its mean absolute error).
+iterations (HQQ stops the whole tensor at once on its mean absolute error). On the uniform grid
+a large fit runs each iteration as one compiled kernel (`hqq_step`), several times faster
+than the eager loop, which remains the fallback.
 """
 
 from __future__ import annotations
 
 import torch
 
+from lowbit.fit import fused
 from lowbit.fit.minmax import fit_absmax, fit_minmax
 from lowbit.fit.registry import fit_options, register_fit
 from lowbit.fit.search import (
@@ -69,8 +72,6 @@ def fit_hqq(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     if beta <= 0 or kappa <= 0:
         raise ValueError(f"fit 'hqq': beta and kappa must be > 0, got {beta}, {kappa}")
     scale, zero = _start(blocks, grid, spec, bool(opts["round_start"]))
-    vmin, vmax = grid.value_range(spec.bits)
-    int_zero = not spec.symmetric and spec.zero_point == "int"
     best_scale, best_zero = scale, zero
     best_error = _error(blocks, weights, scale, zero, grid, spec)
     # A symmetric block has no zero to move, and an integer zero moves only in whole codes:
@@ -79,21 +80,16 @@ def fit_hqq(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     if update is not None and not isinstance(update, bool):
         raise TypeError(f"fit 'hqq': update_scale must be a bool or None, got {update!r}")
     free_scale = spec.symmetric or (update if update is not None else spec.zero_point != "float")
+    compiled = (
+        getattr(grid, "codes_are_values", False)
+        and blocks.numel() * max(1, iterations) >= fused.MIN_WORK
+        and fused.enabled(blocks.device)
+    )
     for _ in range(iterations):
-        inv = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale)).unsqueeze(-1)
-        values = nearest_values(torch.addcmul(zero.unsqueeze(-1), blocks, inv), grid, spec.bits)
-        restored = (values - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
-        target = blocks - shrink_lp(blocks - restored, beta, p)
-        if free_scale:
-            scale, new_zero = least_squares_refit(
-                blocks, weights, scale, zero, grid, spec, target=target
-            )
-        else:
-            new_zero = _zero_only(target, values, scale, weights)
-        if int_zero:
-            new_zero = new_zero.round().clamp(vmin, vmax)
-        zero = zero if spec.symmetric else new_zero
-        error = _error(blocks, weights, scale, zero, grid, spec)
+        args = ([blocks, weights, scale, zero, torch.tensor(beta)], (grid, spec, p, free_scale))
+        result = fused.run_dynamic(hqq_step, *args) if compiled else None
+        compiled = result is not None
+        scale, zero, error = result if compiled else hqq_step(*args[0], *args[1])
         better = error < best_error
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
@@ -101,6 +97,31 @@ def fit_hqq(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
         beta *= kappa
     # Raw parameters: quantize rounds them for storage, once.
     return best_scale, None if spec.symmetric else best_zero
+
+
+def hqq_step(blocks, weights, scale, zero, beta, grid, spec, p: float, free_scale: bool):
+    """One half-quadratic iteration: shrink the error, refit the parameters to ``blocks``
+    minus the shrunk error, re-encode. ``blocks``/``weights`` float32 ``[B, n]``, ``scale``/
+    ``zero [B]``, ``beta`` a 0-d tensor (so that a compiled step serves every iteration).
+    Returns the new (scale, zero, weighted squared error as fitted), float32 ``[B]`` each.
+    Pure tensor code: large searches run it compiled (`lowbit.fit.fused.run_dynamic`)."""
+    inv = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale)).unsqueeze(-1)
+    values = nearest_values(torch.addcmul(zero.unsqueeze(-1), blocks, inv), grid, spec.bits)
+    restored = (values - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+    target = blocks - shrink_lp(blocks - restored, beta, p)
+    if free_scale:
+        scale, new_zero = least_squares_refit(blocks, weights, scale, zero, grid, spec, target)
+    else:
+        new_zero = _zero_only(target, values, scale, weights)
+    if not spec.symmetric and spec.zero_point == "int":
+        vmin, vmax = grid.value_range(spec.bits)
+        new_zero = new_zero.round().clamp(vmin, vmax)
+    zero = zero if spec.symmetric else new_zero
+    inv = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale)).unsqueeze(-1)
+    u = torch.addcmul(zero.unsqueeze(-1), blocks, inv)
+    d = nearest_values(u, grid, spec.bits) - u
+    d = d * d if weights is None else d * d * weights
+    return scale, zero, d.sum(-1) * scale * scale
 
 
 def _start(blocks, grid, spec, round_start):

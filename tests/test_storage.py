@@ -70,3 +70,26 @@ def test_float32_passes_through():
     x = torch.randn(100)
     assert torch.equal(round_up(x, torch.float32), x)
     assert torch.equal(round_down(x, torch.float32), x)
+
+
+def test_beyond_the_range_rounds_to_the_largest_value():
+    # Stored as +-inf by the cast; the directed rounding must land on +-max, not NaN.
+    for dtype in (torch.float16, torch.bfloat16):
+        big = torch.finfo(dtype).max
+        beyond = min(big * 1.01, torch.finfo(torch.float32).max)
+        x = torch.tensor([beyond, -beyond])
+        assert not torch.isfinite(x.to(dtype)).any()  # the cast overflows
+        down, up = round_down(x, dtype).float(), round_up(x, dtype).float()
+        assert torch.isfinite(down[x > 0]).all() and (down[x > 0] == big).all()
+        assert torch.isfinite(up[x < 0]).all() and (up[x < 0] == -big).all()
+
+
+def test_mse_with_weights_near_the_float16_limit():
+    # Offsets above 65504 are out of reach, but the range fit is not: mse must not fail
+    # where minmax succeeds (found in review).
+    from lowbit import QuantSpec, quantize
+
+    w = 65000 + 1000 * torch.rand(4, 64)
+    spec = QuantSpec(bits=4, group_size=64, zero_point="float", fit="mse")
+    restored = quantize(w, spec).dequantize()
+    assert torch.isfinite(restored).all() and (restored - w).abs().max() < 100

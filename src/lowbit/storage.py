@@ -91,4 +91,6 @@ def _neighbour(stored: torch.Tensor, direction: float) -> torch.Tensor:
     info = torch.finfo(stored.dtype)
     t = stored.to(torch.float32)
     step = (0.6 * info.eps) * torch.clamp(t.abs(), min=info.tiny)
-    return (t + direction * step).to(stored.dtype)
+    # A value beyond the format's range was stored as +-inf: its neighbour towards 0 is +-max.
+    largest = torch.where(t > 0, info.max, -info.max)
+    return torch.where(t.isinf(), largest, t + direction * step).to(stored.dtype)

@@ -137,14 +137,15 @@ def dare_objective(blocks, weights, scale, zero, grid, bits, bins, lam_w, lam_h)
         out = torch.empty_like(scale)
         for c in range(scale.shape[1]):
             z, s = zero[:, c : c + 1], scale[:, c : c + 1]
-            out[:, c] = pair_objective(blocks, weights, s, z, grid, bits, bins, lam_w, lam_h)
+            out[:, c] = pair_objective(blocks, weights, s, z, lam_w, lam_h, grid, bits, bins)
     # NaN in a block must reach its scale: the histogram above would hide it.
     return torch.where(torch.isfinite(scale), out, torch.full_like(out, float("nan")))
 
 
-def pair_objective(blocks, weights, scale, zero, grid, bits: int, bins: int, lam_w, lam_h):
+def pair_objective(blocks, weights, scale, zero, lam_w, lam_h, grid, bits: int, bins: int):
     """DARE's loss of each block ``[P, n]`` under its own ``scale``/``zero [P, 1]`` -> ``[P]``
-    (float32). Pure tensor code: the compiled scorer (`lowbit.fit.fused`) runs it as is."""
+    (float32); ``lam_w``/``lam_h`` floats or 0-d tensors. Pure tensor code: the compiled
+    scorer (`lowbit.fit.fused`) runs it as is, with tensor lambdas (one kernel for all)."""
     inv = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale))
     values = nearest_values(torch.addcmul(zero, blocks, inv), grid, bits)
     residual = blocks - (values - zero) * scale
@@ -168,8 +169,10 @@ def entropy_bounds(lo, hi, mse, n: int, bins: int, lam_w: float, lam_h: float):
     width = torch.where(flat, torch.full_like(lo, 2.0), hi - lo)
     b = width / bins
     log_b = torch.log(b)
-    lower = lam_w * mse + lam_h * (log_b / b - bins * 1e-8)
-    upper = lam_w * mse + lam_h * (math.log(min(bins, n)) + log_b) / b
+    lower, upper = lam_w * mse, lam_w * mse
+    if lam_h:  # (0 * -inf would be NaN for residual ranges below ~1e-35)
+        lower = lower + lam_h * (log_b / b - bins * 1e-8)
+        upper = upper + lam_h * (math.log(min(bins, n)) + log_b) / b
     return lower, upper
 
 
@@ -195,14 +198,16 @@ def pruned_objective(blocks, weights, scale, zero, grid, bits, bins, lam_w, lam_
     margin = 1e-3 * (least.abs() + lower.abs()) + 1e-6
     keep = (lower <= least + margin) | ~torch.isfinite(lower)
     rows, cands = keep.nonzero(as_tuple=True)
-    pick_w = None if weights is None else weights[rows]
+    lambdas = [torch.tensor(float(v), device=blocks.device) for v in (lam_w, lam_h)]
     losses = fused.per_block(
         pair_objective,
-        blocks[rows],
-        pick_w,
+        blocks,
+        weights,
+        rows,
         scale[rows, cands].unsqueeze(-1),
         zero[rows, cands].unsqueeze(-1),
-        (grid, bits, bins, lam_w, lam_h),
+        lambdas,
+        (grid, bits, bins),
     )
     if losses is None:
         return None

@@ -203,24 +203,22 @@ def residual_stats(
     return tuple(out)
 
 
-def per_block(fn, x, w, scale, zero, constants: tuple) -> torch.Tensor | None:
-    """``fn(x, w, scale, zero, *constants)`` compiled, over blocks ``x [P, n]`` (``w`` the same
-    shape or ``None``, ``scale``/``zero [P, 1]``) in chunks, -> float32 ``[P]``; the block
-    count is dynamic, so one kernel serves every ``P``. ``None`` if compiling is unavailable."""
-    count, n = x.shape
+def per_block(fn, x, w, rows, scale, zero, shared: list, constants: tuple):
+    """``fn(x[rows], w[rows], scale, zero, *shared, *constants)`` compiled, in chunks of
+    ``rows`` (int64 ``[P]``, blocks of ``x [B, n]`` to score; ``w`` the same shape or ``None``;
+    ``scale``/``zero [P, 1]``; ``shared`` 0-d tensors), gathering each chunk only when it is
+    scored -> float32 ``[P]``. ``None`` if compiling is unavailable."""
+    count, n = rows.shape[0], x.shape[1]
     out = torch.empty(count, dtype=torch.float32, device=x.device)
     step = max(1, _STATIC_WORK // max(1, n))
-    try:
-        kernel = _kernel(fn, w is not None)
-        for b0 in range(0, count, step):
-            args = [None if t is None else t[b0 : b0 + step] for t in (x, w, scale, zero)]
-            for a in args:
-                if a is not None and a.shape[0] > 1:
-                    torch._dynamo.mark_dynamic(a, 0)
-            out[b0 : b0 + step] = kernel(*args, *constants)
-    except Exception as err:
-        _give_up(err)
-        return None
+    for b0 in range(0, count, step):
+        index = rows[b0 : b0 + step]
+        tensors = [x[index], None if w is None else w[index]]
+        tensors += [scale[b0 : b0 + step], zero[b0 : b0 + step], *shared]
+        got = run_dynamic(fn, tensors, constants)
+        if got is None:
+            return None
+        out[b0 : b0 + step] = got
     return out
 
 

@@ -86,7 +86,9 @@ def fit_hqq(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
         and fused.enabled(blocks.device)
     )
     for _ in range(iterations):
-        args = ([blocks, weights, scale, zero, torch.tensor(beta)], (grid, spec, p, free_scale))
+        # beta and p as 0-d tensors: one compiled kernel for every iteration and setting.
+        shared = [torch.tensor(beta), torch.tensor(p)]
+        args = ([blocks, weights, scale, zero, *shared], (grid, spec, free_scale))
         result = fused.run_dynamic(hqq_step, *args) if compiled else None
         compiled = result is not None
         scale, zero, error = result if compiled else hqq_step(*args[0], *args[1])
@@ -99,10 +101,10 @@ def fit_hqq(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     return best_scale, None if spec.symmetric else best_zero
 
 
-def hqq_step(blocks, weights, scale, zero, beta, grid, spec, p: float, free_scale: bool):
+def hqq_step(blocks, weights, scale, zero, beta, p, grid, spec, free_scale: bool):
     """One half-quadratic iteration: shrink the error, refit the parameters to ``blocks``
     minus the shrunk error, re-encode. ``blocks``/``weights`` float32 ``[B, n]``, ``scale``/
-    ``zero [B]``, ``beta`` a 0-d tensor (so that a compiled step serves every iteration).
+    ``zero [B]``, ``beta``/``p`` floats or 0-d tensors (a compiled step serves every value).
     Returns the new (scale, zero, weighted squared error as fitted), float32 ``[B]`` each.
     Pure tensor code: large searches run it compiled (`lowbit.fit.fused.run_dynamic`)."""
     inv = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale)).unsqueeze(-1)

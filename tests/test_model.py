@@ -326,12 +326,14 @@ def test_non_finite_weights_in_float_layers_are_fine():
     quant(tiny_lm(), S4, exclude="lm_head")
 
 
-def test_group_size_that_does_not_divide_names_the_layer():
+def test_group_size_that_does_not_divide_in_features():
+    # A partial last group per row: quantized, saved and restored like any other layer.
     model = tiny_lm()
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.down.*group_size 48"):
-        quant(model, {"*.up": S4, "*.down": QuantSpec(bits=4, group_size=48), "*": S8})
-    assert_untouched(model, snap)
+    x = torch.randint(0, 40, (2, 7))
+    report = quant(model, {"*.down": QuantSpec(bits=4, group_size=48), "*": S8})
+    down = [r for r in report.layers if r.name.endswith("mlp.down")]
+    assert down and all(0 < r.rel_error < 0.2 for r in down)
+    assert torch.isfinite(model(x)).all()
 
 
 def test_bits_out_of_range_names_bits_and_the_layer():

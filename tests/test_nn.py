@@ -52,8 +52,7 @@ def test_constructor_rejects_bad_arguments():
         QuantLinear(8, 4, kernel="fastest")
     with pytest.raises(ValueError, match="bits=1"):
         QuantLinear(8, 4, spec=QuantSpec(bits=1))
-    with pytest.raises(ValueError, match="group_size 3"):
-        QuantLinear(8, 4, spec=QuantSpec(group_size=3))
+    assert QuantLinear(8, 4, spec=QuantSpec(group_size=3)).scale.shape == (4, 3)  # partial
 
 
 @pytest.mark.parametrize("spec", KERNEL_SPECS + OTHER_SPECS)
@@ -377,3 +376,18 @@ def test_fallback_works_in_and_out_of_inference_mode():
         assert torch.equal(layer(x), first)
     with torch.inference_mode():
         assert torch.equal(layer(x), first)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "dequantize"])
+def test_partial_last_group_forward(kernel):
+    # 576 inputs in groups of 128 (SmolLM2's hidden size, the most common group size): the
+    # packed int4 kernel cannot take a partial group, so the layer must not pick it.
+    linear = make_linear(576, 32, dtype=torch.bfloat16)
+    layer = QuantLinear.from_linear(linear, QuantSpec(bits=4, group_size=128), kernel=kernel)
+    x = torch.randn(3, 576, dtype=torch.bfloat16)
+    weight = layer.dequantize_weight(torch.bfloat16)
+    chosen = layer.selected_kernel()
+    assert chosen is None or "int4" not in chosen.name
+    want = torch.nn.functional.linear(x, weight, linear.bias)
+    assert torch.allclose(layer(x).float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert rel_error(weight, linear.weight) < 0.15

@@ -85,9 +85,13 @@ def test_block_layout(shape, spec, layout):
     assert "zero" not in lay.expected_shapes(QuantSpec(symmetric=True))
 
 
-def test_block_layout_group_size_must_divide():
-    with pytest.raises(ValueError, match="group_size 5"):
-        BlockLayout.of((4, 8), QuantSpec(group_size=5))
+def test_block_layout_partial_last_group():
+    lay = BlockLayout.of((4, 8), QuantSpec(group_size=5))
+    assert (lay.groups, lay.group_len, lay.padded_cols, lay.ragged) == (2, 5, 10, True)
+    assert lay.expected_shapes(QuantSpec(group_size=5))["scale"] == (4, 2)
+    assert not BlockLayout.of((4, 10), QuantSpec(group_size=5)).ragged
+    big = BlockLayout.of((4, 8), QuantSpec(group_size=64))  # one group, larger than the row
+    assert (big.groups, big.padded_cols) == (1, 64)
 
 
 def test_accessors():
@@ -226,8 +230,8 @@ def test_from_state_checks_the_spec():
     spec = dict(metadata["spec"], bits=9)
     with pytest.raises(ValueError, match="bits"):
         QuantizedTensor.from_state(tensors, dict(metadata, spec=spec))
-    spec = dict(metadata["spec"], group_size=5)
-    with pytest.raises(ValueError, match="group_size 5"):
+    spec = dict(metadata["spec"], group_size=5)  # a valid layout, but not these tensors'
+    with pytest.raises(ValueError, match="tensor 'scale' has shape"):
         QuantizedTensor.from_state(tensors, dict(metadata, spec=spec))
     spec = dict(metadata["spec"], grid="nf")
     with pytest.raises(ValueError, match="unknown grid"):

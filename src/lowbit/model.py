@@ -130,8 +130,9 @@ def quantize_model(
         A `Report` (per layer: name, shape, spec, bits/weight, relative Frobenius error, SQNR).
 
     Raises:
-        ValueError: a weight has NaN/Inf, or a group size does not divide a layer's
-            ``in_features``; the message names the layer. The model is left untouched.
+        ValueError: a weight has NaN/Inf; the message names the layer. The model is left
+            untouched. (A group size that does not divide ``in_features`` is fine: each row's
+            last group is partial.)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -205,11 +206,6 @@ def quantize_model(
                 rotation_notes.append(
                     f"layer {name!r}: in_features {shape[1]} allows Hadamard blocks of only "
                     f"{hadamard_block(shape[1])}; the rotation does little there"
-                )
-            if spec.granularity == "group" and shape[1] % spec.group_size:
-                raise ValueError(
-                    f"layer {name!r}: in_features {shape[1]} not divisible by "
-                    f"group_size {spec.group_size}"
                 )
         plan.append((name, module, weight, specs))
     patterns = list(exclude) + (list(rules) if isinstance(rules, Mapping) else [])

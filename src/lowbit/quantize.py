@@ -91,9 +91,9 @@ def quantize(
                 packed[r0:r1] = _encode_rows(matrix[r0:r1], scale, zero_codes, layout, grid, spec)
         else:
             for r0, r1 in _row_chunks(layout, device):
-                rows = matrix[r0:r1]
+                rows = _complete_groups(matrix[r0:r1], layout)
                 blocks = rows.to(torch.float32).reshape(-1, layout.group_len)
-                w = None if weights is None else weights[r0:r1].reshape(-1, layout.group_len)
+                w = _group_weights(weights, r0, r1, layout, device)
                 s, z, kept = _fit_blocks(blocks, grid, fit, spec, scale_dtype, name, w)
                 scale[r0:r1] = s.view(r1 - r0, layout.groups)
                 zero_codes[r0:r1] = z.view(r1 - r0, layout.groups)
@@ -112,6 +112,28 @@ def quantize(
         signs = torch.ones(layout.cols, device=device) if signs is None else signs
         signs = pack_signs(signs)
     return QuantizedTensor(packed, scale, zero, spec, tensor.shape, tensor.dtype, signs)
+
+
+def _complete_groups(rows: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """``rows [r, cols]`` -> ``[r, padded_cols]``: a partial last group is completed with its
+    own values repeated, which keeps its range (and roughly its distribution) for the fits."""
+    if not layout.ragged:
+        return rows
+    tail = rows[:, (layout.groups - 1) * layout.group_len :]
+    repeat = torch.arange(layout.padded_cols - layout.cols, device=rows.device) % tail.shape[1]
+    return torch.cat([rows, tail[:, repeat]], dim=1)
+
+
+def _group_weights(weights, r0: int, r1: int, layout: BlockLayout, device):
+    """Importance of rows ``r0:r1`` as float32 ``[blocks, group_len]``, or ``None``. With a
+    partial last group the completing copies weigh 0, so the weighted fits see only the real
+    values (the unweighted ones see the repeated values, whose range is the real one)."""
+    if not layout.ragged:
+        return None if weights is None else weights[r0:r1].reshape(-1, layout.group_len)
+    real = torch.ones(r1 - r0, layout.cols, device=device) if weights is None else weights[r0:r1]
+    real = real.to(torch.float32)
+    padded = torch.nn.functional.pad(real, (0, layout.padded_cols - layout.cols))
+    return padded.reshape(-1, layout.group_len)
 
 
 def _importance_matrix(importance, tensor, layout, spec, name):
@@ -182,5 +204,5 @@ def _encode_rows(rows, scale, zero_codes, layout, grid, spec):
     zero = zero_codes.to(torch.float32).unsqueeze(-1)
     blocks = rows.reshape(r, layout.groups, layout.group_len)
     normalized = torch.addcmul(zero, blocks.to(torch.float32), inv)
-    codes = grid.encode_(normalized, spec.bits).view(r, layout.cols)
-    return pack(codes, spec.bits)
+    codes = grid.encode_(normalized, spec.bits).view(r, layout.padded_cols)
+    return pack(codes[:, : layout.cols], spec.bits)

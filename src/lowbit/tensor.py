@@ -31,7 +31,9 @@ class BlockLayout:
     The tensor is viewed as a matrix ``[rows, cols]`` (``rows = shape[0]``, ``cols`` = the
     product of the other dims; a 1-D tensor is one row, a scalar is ``[1, 1]``). Each row holds
     ``groups`` blocks of ``group_len`` values; scales are ``[scale_rows, groups]`` where
-    ``scale_rows`` is 1 for a per-tensor spec.
+    ``scale_rows`` is 1 for a per-tensor spec. When ``group_len`` does not divide ``cols`` the
+    last group of each row is partial (``ragged``): ``groups = ceil(cols / group_len)``, and
+    only the ``cols`` real codes are stored.
     """
 
     rows: int
@@ -54,13 +56,18 @@ class BlockLayout:
             return cls(rows, cols, 1, 1, cols)
         if spec.granularity == "channel":
             return cls(rows, cols, rows, 1, cols)
-        if cols % spec.group_size:
-            raise ValueError(
-                f"group_size {spec.group_size} does not divide the row length {cols} "
-                f"of a tensor of shape {list(shape)}"
-            )
-        groups = cols // spec.group_size
+        groups = -(-cols // spec.group_size)
         return cls(rows, cols, rows, groups, spec.group_size)
+
+    @property
+    def padded_cols(self) -> int:
+        """``groups * group_len``: the row length with the last group completed."""
+        return self.groups * self.group_len
+
+    @property
+    def ragged(self) -> bool:
+        """Whether the last group of each row is partial."""
+        return self.padded_cols != self.cols
 
     def expected_shapes(self, spec: QuantSpec) -> dict[str, tuple[int, ...]]:
         """Shapes of the stored tensors: ``packed``, ``scale`` and (asymmetric) ``zero``."""
@@ -200,7 +207,9 @@ class QuantizedTensor:
         zero = self.zero_points().unsqueeze(-1)
         scale = self.scale.to(torch.float32).unsqueeze(-1)
         per_row = lay.scale_rows == lay.rows
-        target = out.view(lay.rows, lay.groups, lay.group_len)
+        # A ragged last group is completed with zeros, restored, and cropped again.
+        target = None if lay.ragged else out.view(lay.rows, lay.groups, lay.group_len)
+        flat = out.view(lay.rows, lay.cols)
         step = lay.rows
         if self.device.type == "cpu":
             step = max(1, DEQUANT_CHUNK_ELEMENTS // max(1, lay.cols))
@@ -211,12 +220,17 @@ class QuantizedTensor:
                 unpack_into(self.packed[r0:r1], bits, values)
             else:
                 values = grid.decode(unpack(self.packed[r0:r1], bits, lay.cols), bits)
+            if lay.ragged:
+                values = torch.nn.functional.pad(values, (0, lay.padded_cols - lay.cols))
             values = values.view(r1 - r0, lay.groups, lay.group_len)
             if per_row:
                 values.sub_(zero[r0:r1]).mul_(scale[r0:r1])
             else:
                 values.sub_(zero).mul_(scale)
-            target[r0:r1].copy_(values)
+            if target is None:
+                flat[r0:r1].copy_(values.view(r1 - r0, lay.padded_cols)[:, : lay.cols])
+            else:
+                target[r0:r1].copy_(values)
         return out
 
     def to(self, device: torch.device | str) -> QuantizedTensor:

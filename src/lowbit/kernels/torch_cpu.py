@@ -27,7 +27,7 @@ def _is_cpu_int(qt: QuantizedTensor, device: torch.device) -> bool:
 
 def _int4_group(qt: QuantizedTensor) -> int | None:
     lay = qt.layout
-    return lay.group_len if lay.scale_rows == lay.rows else None
+    return lay.group_len if lay.scale_rows == lay.rows and not lay.ragged else None
 
 
 def _supports_int4(qt: QuantizedTensor, device: torch.device) -> bool:

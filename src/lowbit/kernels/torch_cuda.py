@@ -39,6 +39,7 @@ def _supports(qt: QuantizedTensor, device: torch.device) -> bool:
     n, k = qt.shape
     return (
         lay.scale_rows == lay.rows
+        and not lay.ragged
         and lay.group_len in GROUP_SIZES
         and n % 8 == 0
         and _inner_k_tiles(k) is not None

@@ -189,3 +189,22 @@ def test_entropy_bounds_hold_the_density_entropy(seed, n, bins, spread):
     exact = mse + density_entropy(r, bins)
     slack = 1e-5 * exact.abs() + 1e-5
     assert (lower <= exact + slack).all() and (exact <= upper + slack).all()
+
+
+@pytest.mark.parametrize("bits,bins", [(8, 16), (8, 128), (4, 16)])
+def test_near_ties_round_as_the_seed_does(bits, bins):
+    # Weights a hair from half-way between two levels of the absmax scale: codes must come
+    # from round(w / s) exactly as in the seed; round(w * (1/s) + 128) rounded a third of
+    # these rows the other way and their loss ended above the seed's (found in review).
+    qmax = 2 ** (bits - 1) - 1
+    g = torch.Generator().manual_seed(bits * bins)
+    k = torch.randint(-qmax, qmax, (12, 96), generator=g).float()
+    w = (k + 0.5 + (torch.rand(12, 96, generator=g) - 0.5) * 4e-6) * 0.01
+    w[:, 0] = qmax * 0.01
+    linear = nn.Linear(96, 12)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    layer = DAREQuantLinear(linear, bits=bits, bins=bins)
+    for row in range(12):
+        ours = seed_loss(w[row], layer.weight_q[row], bins, 1.0, 0.1)
+        assert ours <= seed_search(w[row], bits, bins, 1.0, 0.1) + 1e-6 * (1 + abs(ours))

@@ -202,7 +202,15 @@ def _encode_rows(rows, scale, zero_codes, layout, grid, spec):
     # An all-zero block has scale 0: every weight maps to the zero point, restored as 0.
     inv = torch.where(scale32 > 0, scale32.reciprocal(), torch.zeros_like(scale32)).unsqueeze(-1)
     zero = zero_codes.to(torch.float32).unsqueeze(-1)
-    blocks = rows.reshape(r, layout.groups, layout.group_len)
-    normalized = torch.addcmul(zero, blocks.to(torch.float32), inv)
+    blocks = rows.reshape(r, layout.groups, layout.group_len).to(torch.float32)
+    if getattr(grid, "codes_are_values", False) and (spec.symmetric or spec.zero_point == "int"):
+        # An integer zero is added after rounding: adding it first (128 at 8 bits) costs the
+        # quotient low bits, and dividing (not multiplying by 1/s) rounds exactly as
+        # round(w / s), the formula of DARE and SmolQuant, at every tie and near-tie.
+        scale3 = scale32.unsqueeze(-1)
+        safe = torch.where(scale3 > 0, scale3, torch.ones_like(scale3))
+        normalized = torch.where(scale3 > 0, blocks / safe, 0.0).round_().add_(zero)
+    else:
+        normalized = torch.addcmul(zero, blocks, inv)
     codes = grid.encode_(normalized, spec.bits).view(r, layout.padded_cols)
     return pack(codes[:, : layout.cols], spec.bits)

@@ -30,7 +30,7 @@ import torch
 
 from lowbit.fit import fused
 from lowbit.fit.registry import fit_options, register_fit
-from lowbit.fit.search import affine_candidates, as_stored, nearest_values, pick
+from lowbit.fit.search import affine_candidates, as_stored, pick, restored_values
 from lowbit.grids import Grid
 from lowbit.spec import QuantSpec
 
@@ -90,6 +90,7 @@ def fit_dare(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
         bins,
         float(opts["lambda_weight"]),
         float(opts["lambda_entropy"]),
+        spec.symmetric or spec.zero_point == "int",
     )
     # Raw parameters: quantize rounds them for storage, once, to exactly what was scored.
     scale, zero = pick(loss, raw_scale, raw_zero)
@@ -119,8 +120,9 @@ def density_entropy(residual: torch.Tensor, bins: int) -> torch.Tensor:
     return -(density * torch.log(density + 1e-8)).sum(-1)
 
 
-def dare_objective(blocks, weights, scale, zero, grid, bits, bins, lam_w, lam_h):
-    """DARE's loss per block and candidate: float32 ``[B, C]`` for ``scale``/``zero [B, C]``.
+def dare_objective(blocks, weights, scale, zero, grid, bits, bins, lam_w, lam_h, int_zero=True):
+    """DARE's loss per block and candidate: float32 ``[B, C]`` for ``scale``/``zero [B, C]``
+    (``int_zero``: the zeros are whole codes, restored as `quantize` does, round(x / s) + z).
 
     Large searches on the uniform grid run compiled and pruned (`pruned_objective`); the
     others, and any block holding NaN/Inf, score every candidate eagerly.
@@ -132,22 +134,29 @@ def dare_objective(blocks, weights, scale, zero, grid, bits, bins, lam_w, lam_h)
         and num_blocks * n * scale.shape[1] >= fused.MIN_WORK
         and fused.enabled(blocks.device)
     ):
-        out = pruned_objective(blocks, weights, scale, zero, grid, bits, bins, lam_w, lam_h)
+        out = pruned_objective(
+            blocks, weights, scale, zero, grid, bits, bins, lam_w, lam_h, int_zero
+        )
     if out is None:
         out = torch.empty_like(scale)
         for c in range(scale.shape[1]):
             z, s = zero[:, c : c + 1], scale[:, c : c + 1]
-            out[:, c] = pair_objective(blocks, weights, s, z, lam_w, lam_h, grid, bits, bins)
+            out[:, c] = pair_objective(
+                blocks, weights, s, z, lam_w, lam_h, grid, bits, bins, int_zero
+            )
     # NaN in a block must reach its scale: the histogram above would hide it.
     return torch.where(torch.isfinite(scale), out, torch.full_like(out, float("nan")))
 
 
-def pair_objective(blocks, weights, scale, zero, lam_w, lam_h, grid, bits: int, bins: int):
+def pair_objective(
+    blocks, weights, scale, zero, lam_w, lam_h, grid, bits: int, bins: int, int_zero: bool
+):
     """DARE's loss of each block ``[P, n]`` under its own ``scale``/``zero [P, 1]`` -> ``[P]``
     (float32); ``lam_w``/``lam_h`` floats or 0-d tensors. Pure tensor code: the compiled
     scorer (`lowbit.fit.fused`) runs it as is, with tensor lambdas (one kernel for all)."""
-    inv = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale))
-    values = nearest_values(torch.addcmul(zero, blocks, inv), grid, bits)
+    # Restored exactly as quantize will store them: a row's loss is then the seed's formula
+    # applied to what the layer holds, never a rounding away from it.
+    values = restored_values(blocks, scale, zero, grid, bits, int_zero)
     residual = blocks - (values - zero) * scale
     squared = residual * residual
     if weights is None:
@@ -176,7 +185,7 @@ def entropy_bounds(lo, hi, mse, n: int, bins: int, lam_w: float, lam_h: float):
     return lower, upper
 
 
-def pruned_objective(blocks, weights, scale, zero, grid, bits, bins, lam_w, lam_h):
+def pruned_objective(blocks, weights, scale, zero, grid, bits, bins, lam_w, lam_h, int_zero):
     """`dare_objective` on the uniform grid, compiled, with the histograms only where needed.
 
     One fused pass gives every candidate's residual range and squared error, hence bounds on
@@ -207,7 +216,7 @@ def pruned_objective(blocks, weights, scale, zero, grid, bits, bins, lam_w, lam_
         scale[rows, cands].unsqueeze(-1),
         zero[rows, cands].unsqueeze(-1),
         lambdas,
-        (grid, bits, bins),
+        (grid, bits, bins, int_zero),
     )
     if losses is None:
         return None

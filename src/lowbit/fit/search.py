@@ -35,6 +35,28 @@ def nearest_values(u: torch.Tensor, grid: Grid, bits: int) -> torch.Tensor:
     return grid.decode(grid.encode_(u.clone(), bits), bits)
 
 
+def restored_values(
+    blocks: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    grid: Grid,
+    bits: int,
+    integer_zero: bool,
+) -> torch.Tensor:
+    """Grid values (float32, like ``blocks [B, n]``) that `lowbit.quantize` encodes ``blocks``
+    to under ``scale``/``zero [B, 1]`` (zero in code units), with its exact arithmetic: on the
+    uniform grid with an integer zero, ``round(x / s) + z``; otherwise nearest to ``x / s + z``
+    (as a multiply by ``1 / s``). The scorers use the cheaper form; this one is for searches
+    that promise a result exactly as good as a reference's (``dare``)."""
+    if integer_zero and getattr(grid, "codes_are_values", False):
+        vmin, vmax = grid.value_range(bits)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        quotient = torch.where(scale > 0, blocks / safe, torch.zeros_like(blocks))
+        return (quotient.round() + zero).clamp(vmin, vmax)
+    inv = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale))
+    return nearest_values(torch.addcmul(zero, blocks, inv), grid, bits)
+
+
 def affine_candidates(
     blocks: torch.Tensor, grid: Grid, spec: QuantSpec, ratios: torch.Tensor, offsets: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -90,8 +90,8 @@ def test_block_layout_partial_last_group():
     assert (lay.groups, lay.group_len, lay.padded_cols, lay.ragged) == (2, 5, 10, True)
     assert lay.expected_shapes(QuantSpec(group_size=5))["scale"] == (4, 2)
     assert not BlockLayout.of((4, 10), QuantSpec(group_size=5)).ragged
-    big = BlockLayout.of((4, 8), QuantSpec(group_size=64))  # one group, larger than the row
-    assert (big.groups, big.padded_cols) == (1, 64)
+    big = BlockLayout.of((4, 8), QuantSpec(group_size=64))  # larger than the row: one per row
+    assert (big.groups, big.group_len, big.ragged) == (1, 8, False)
 
 
 def test_accessors():
@@ -246,3 +246,11 @@ def test_from_state_symmetric_has_no_zero():
     qt = QuantizedTensor.from_state(tensors, metadata)
     assert qt.zero is None
     assert torch.all(qt.zero_points() == 8)
+
+
+def test_dequantize_into_a_strided_out():
+    # out= may be any view of the right shape and dtype (a ragged layout too).
+    for group in (5, 4):
+        qt = quantize(torch.randn(4, 2, 5), QuantSpec(bits=4, group_size=group))
+        out = torch.empty(4, 2, 6)[..., :5]
+        assert torch.equal(qt.dequantize(out=out), qt.dequantize())

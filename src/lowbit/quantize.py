@@ -42,8 +42,9 @@ def quantize(
     Raises:
         TypeError: ``tensor`` is not a floating-point tensor of a supported dtype, or ``spec``
             is not a `QuantSpec`.
-        ValueError: NaN/Inf in ``tensor``, bits out of the grid's range, a group size that does
-            not divide the row, or scales that overflow ``spec.scale_dtype``.
+        ValueError: NaN/Inf in ``tensor``, bits out of the grid's range, or scales that overflow
+            ``spec.scale_dtype``. (A group size that does not divide the row is fine: the last
+            group of each row is partial.)
     """
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
@@ -168,7 +169,7 @@ def _row_chunks(layout: BlockLayout, device: torch.device):
     On accelerators the chunks are 64x larger: there the cost is per kernel launch, not cache.
     """
     budget = CHUNK_ELEMENTS if device.type == "cpu" else CHUNK_ELEMENTS * 64
-    step = max(1, budget // max(1, layout.cols))
+    step = max(1, budget // max(1, layout.padded_cols))
     for r0 in range(0, layout.rows, step):
         yield r0, min(layout.rows, r0 + step)
 

@@ -24,8 +24,9 @@ class QuantSpec:
 
     Args:
         bits: code width. The ``"int"`` grid takes 2..8.
-        group_size: inputs per block. Setting it implies ``granularity="group"``; it must divide
-            the row length of every tensor it is applied to.
+        group_size: inputs per block. Setting it implies ``granularity="group"``. Where it
+            does not divide a row, the row's last group is partial (its own scale); where it is
+            at least the row length, each row is one group.
         granularity: ``"tensor"`` (one scale), ``"channel"`` (one per output row, the default
             without ``group_size``) or ``"group"``.
         symmetric: ``True`` stores only a scale (zero fixed at the grid's centre, absmax fit);

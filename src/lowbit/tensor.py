@@ -56,6 +56,8 @@ class BlockLayout:
             return cls(rows, cols, 1, 1, cols)
         if spec.granularity == "channel":
             return cls(rows, cols, rows, 1, cols)
+        if 0 < cols <= spec.group_size:  # one group per row: the per-row layout, unpadded
+            return cls(rows, cols, rows, 1, cols)
         groups = -(-cols // spec.group_size)
         return cls(rows, cols, rows, groups, spec.group_size)
 
@@ -209,7 +211,12 @@ class QuantizedTensor:
         per_row = lay.scale_rows == lay.rows
         # A ragged last group is completed with zeros, restored, and cropped again.
         target = None if lay.ragged else out.view(lay.rows, lay.groups, lay.group_len)
-        flat = out.view(lay.rows, lay.cols)
+        flat = scratch = None
+        if lay.ragged:
+            try:
+                flat = out.view(lay.rows, lay.cols)
+            except RuntimeError:  # a strided out=: restore into a scratch matrix, copy once
+                flat = scratch = torch.empty(lay.rows, lay.cols, dtype=out.dtype, device=out.device)
         step = lay.rows
         if self.device.type == "cpu":
             step = max(1, DEQUANT_CHUNK_ELEMENTS // max(1, lay.cols))
@@ -231,6 +238,8 @@ class QuantizedTensor:
                 flat[r0:r1].copy_(values.view(r1 - r0, lay.padded_cols)[:, : lay.cols])
             else:
                 target[r0:r1].copy_(values)
+        if scratch is not None:
+            out.copy_(scratch.view(self.shape))
         return out
 
     def to(self, device: torch.device | str) -> QuantizedTensor:

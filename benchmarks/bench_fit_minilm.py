@@ -14,17 +14,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from bench_fit_perplexity import hqq_restore, ours  # noqa: E402
+from bench_fit_perplexity import hqq_restore, linear_layers, ours, restore, swap_in  # noqa: E402
 from test_e2e_minilm import embed, sentences  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.calibrate import calibration_batches, input_importance  # noqa: E402
 from lowbit.io.hf import load_pretrained  # noqa: E402
-from lowbit.model import linear_weight  # noqa: E402
 from lowbit.models import minilm_dir  # noqa: E402
 
 GROUP = 64
@@ -50,8 +47,7 @@ def main() -> None:
     model.eval()
     texts = sentences(64)
     reference = embed(model, tokenizer, texts)
-    layers = {n: m for n, m in model.named_modules() if linear_weight(m) is not None}
-    originals = {n: m.weight.detach().clone() for n, m in layers.items()}
+    layers, originals = linear_layers(model, skip=None)
     batches = calibration_batches(tokenizer, 16, 128)
     importance = input_importance(model, batches, layers=list(layers))
     for bits in bits_list:
@@ -64,22 +60,14 @@ def main() -> None:
             except ImportError as err:
                 print(f"| {label} | skipped: {err} | | |")
                 continue
-            errors = []
-            with torch.no_grad():
-                for name, module in layers.items():
-                    w = originals[name]
-                    w_hat, _ = run(w, importance[name] if calibrated else None)
-                    module.weight.copy_(w_hat.to(w.dtype))
-                    errors.append(((w - w_hat).norm() / w.norm()).item())
+            errors, _ = swap_in(layers, originals, run, importance if calibrated else None)
             cosine = (reference * embed(model, tokenizer, texts)).sum(-1)
             print(
                 f"| {label} | {cosine.mean():.5f} | {cosine.min():.5f} | "
                 f"{sum(errors) / len(errors):.4f} |"
             )
             sys.stdout.flush()
-        with torch.no_grad():
-            for name, module in layers.items():
-                module.weight.copy_(originals[name])
+        restore(layers, originals)
 
 
 if __name__ == "__main__":

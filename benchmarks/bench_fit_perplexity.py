@@ -68,17 +68,43 @@ def methods(bits: int) -> dict:
     return table
 
 
+def linear_layers(model, skip: str | None = "lm_head"):
+    """({name: Linear layer}, {name: a copy of its weight}) of ``model``, but ``skip``."""
+    layers = {
+        name: module
+        for name, module in model.named_modules()
+        if linear_weight(module) is not None and (skip is None or skip not in name)
+    }
+    return layers, {name: m.weight.detach().clone() for name, m in layers.items()}
+
+
+@torch.no_grad()
+def swap_in(layers, originals, run, importance=None) -> tuple[list[float], float]:
+    """Replace every layer's weight by ``run(original, importance.get(name))``'s restored
+    weight; returns (relative error per layer, total stored bits)."""
+    errors, bits_total = [], 0.0
+    for name, module in layers.items():
+        w = originals[name]
+        w_hat, bpw = run(w, None if importance is None else importance.get(name))
+        module.weight.copy_(w_hat.to(w.dtype))
+        bits_total += bpw * w.numel()
+        errors.append(((w - w_hat).norm() / w.norm()).item())
+    return errors, bits_total
+
+
+@torch.no_grad()
+def restore(layers, originals) -> None:
+    """Put the original weights back."""
+    for name, module in layers.items():
+        module.weight.copy_(originals[name])
+
+
 def main() -> None:
     bits_list = [int(b) for b in sys.argv[1:]] or [4, 3, 2]
     model, tokenizer = load_pretrained(smollm2_dir())
     model.eval()
     tokens = eval_tokens(tokenizer)
-    layers = {
-        name: module
-        for name, module in model.named_modules()
-        if linear_weight(module) is not None and "lm_head" not in name
-    }
-    originals = {name: m.weight.detach().clone() for name, m in layers.items()}
+    layers, originals = linear_layers(model)
     importance = input_importance(model, calibration_batches(tokenizer, 16), layers=list(layers))
     base = perplexity(model, tokens).perplexity
     print(f"fp32 perplexity {base:.3f} (WikiText-2 test, 16 x 512 tokens)\n")
@@ -94,14 +120,8 @@ def main() -> None:
             except ImportError as err:
                 print(f"| {label} | skipped: {err} | | | | |")
                 continue
-            start, bits_total, errors = time.perf_counter(), 0.0, []
-            with torch.no_grad():
-                for name, module in layers.items():
-                    w = originals[name]
-                    w_hat, bpw = run(w, importance[name] if calibrated else None)
-                    module.weight.copy_(w_hat.to(w.dtype))
-                    bits_total += bpw * w.numel()
-                    errors.append(((w - w_hat).norm() / w.norm()).item())
+            start = time.perf_counter()
+            errors, bits_total = swap_in(layers, originals, run, importance if calibrated else None)
             seconds = time.perf_counter() - start
             ppl = perplexity(model, tokens).perplexity
             bpw = bits_total / sum(w.numel() for w in originals.values())
@@ -110,9 +130,7 @@ def main() -> None:
                 f"{sum(errors) / len(errors):.4f} | {seconds:.1f} |"
             )
             sys.stdout.flush()
-        with torch.no_grad():
-            for name, module in layers.items():
-                module.weight.copy_(originals[name])
+        restore(layers, originals)
         print()
 
 

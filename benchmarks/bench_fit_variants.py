@@ -19,12 +19,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_fit_perplexity import ours  # noqa: E402
+from bench_fit_perplexity import linear_layers, ours, swap_in  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.eval import eval_tokens, perplexity  # noqa: E402
 from lowbit.io.hf import load_pretrained  # noqa: E402
-from lowbit.model import linear_weight  # noqa: E402
 from lowbit.models import smollm2_dir  # noqa: E402
 
 
@@ -79,25 +78,15 @@ def main() -> None:
     model, tokenizer = load_pretrained(smollm2_dir())
     model.eval()
     tokens = eval_tokens(tokenizer)
-    layers = {
-        n: m
-        for n, m in model.named_modules()
-        if linear_weight(m) is not None and "lm_head" not in n
-    }
-    originals = {n: m.weight.detach().clone() for n, m in layers.items()}
+    layers, originals = linear_layers(model)
     gains = norm_gains(model, layers)
     print(f"| {bits}-bit g64 variant | perplexity | mean rel. error | seconds |")
     print("| --- | --- | --- | --- |")
     for label, (s, weighted) in variants(bits).items():
         if wanted and not any(w in label for w in wanted):
             continue
-        run, start, errors = ours(s), time.perf_counter(), []
-        with torch.no_grad():
-            for name, module in layers.items():
-                w = originals[name]
-                w_hat, _ = run(w, gains.get(name) if weighted else None)
-                module.weight.copy_(w_hat)
-                errors.append(((w - w_hat).norm() / w.norm()).item())
+        start = time.perf_counter()
+        errors, _ = swap_in(layers, originals, ours(s), gains if weighted else None)
         ppl = perplexity(model, tokens).perplexity
         seconds = time.perf_counter() - start
         print(f"| {label} | {ppl:.3f} | {sum(errors) / len(errors):.4f} | {seconds:.0f} |")

@@ -441,6 +441,21 @@ def test_candidate_zero_is_the_range_fit():
             assert torch.equal(zero[:, 0], base_zero.round())
 
 
+def eager_and_compiled(monkeypatch, w, spec, importance):
+    """(squared error, stored scales) of quantizing ``w``, each keyed by ``LOWBIT_COMPILE``
+    ``"0"``/``"1"``; skips the test where torch.compile is unavailable."""
+    from lowbit.fit import fused
+
+    results, scales = {}, {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("LOWBIT_COMPILE", flag)
+        results[flag] = error(w, spec, importance)
+        scales[flag] = quantize(w, spec, importance=importance).scale
+    if fused._broken:
+        pytest.skip("torch.compile is unavailable here")
+    return results, scales
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -454,18 +469,10 @@ def test_candidate_zero_is_the_range_fit():
 def test_compiled_and_eager_scoring_agree(monkeypatch, kwargs):
     # Large enough for the fused, compiled scorer; the eager loop is the reference. Both score
     # the candidates as stored, so they pick the same ones (but for float near-ties).
-    from lowbit.fit import fused
-
     w = heavy_tailed(256, 1024)
     importance = torch.rand(1024)
     spec = QuantSpec(group_size=64, fit="mse", **{"bits": 4, **kwargs})
-    results, scales = {}, {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("LOWBIT_COMPILE", flag)
-        results[flag] = error(w, spec, importance)
-        scales[flag] = quantize(w, spec, importance=importance).scale
-    if fused._broken:
-        pytest.skip("torch.compile is unavailable here")
+    results, scales = eager_and_compiled(monkeypatch, w, spec, importance)
     assert results["1"] == pytest.approx(results["0"], rel=1e-5)
     assert (scales["1"] == scales["0"]).float().mean().item() > 0.999
 
@@ -520,18 +527,10 @@ def test_absmax_refuses_one_sided_codebooks():
 )
 def test_compiled_and_eager_hqq_agree(monkeypatch, kwargs):
     # Large enough for the compiled half-quadratic step (one kernel, every chunk size).
-    from lowbit.fit import fused
-
     options = {k: kwargs.pop(k) for k in list(kwargs) if k == "update_scale"}
     w = heavy_tailed(256, 1024)
     importance = torch.rand(1024)
     spec = QuantSpec(group_size=64, fit="hqq", fit_options=options or None, **{"bits": 4, **kwargs})
-    results, scales = {}, {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("LOWBIT_COMPILE", flag)
-        results[flag] = error(w, spec, importance)
-        scales[flag] = quantize(w, spec, importance=importance).scale
-    if fused._broken:
-        pytest.skip("torch.compile is unavailable here")
+    results, scales = eager_and_compiled(monkeypatch, w, spec, importance)
     assert results["1"] == pytest.approx(results["0"], rel=1e-4)
     assert (scales["1"] == scales["0"]).float().mean().item() > 0.99

@@ -122,6 +122,7 @@ def test_json_report_totals(tiny_llama_dir, tmp_path, capsys):
     assert all(name in stdout for name in LINEARS)  # --table: every layer
 
     report = json.loads(report_path.read_text())
+    assert report["lowbit"] == "quantize-report"
     rows, totals = report["layers"], report["totals"]
     model, _ = load_pretrained(tiny_llama_dir)
     weights = {
@@ -193,7 +194,9 @@ def test_eval_table(int4_dir, tiny_llama_dir, tmp_path, capsys):
     assert main([*argv, "--json", str(rows_path)]) == 0
     stdout = capsys.readouterr().out
     assert "WikiText-2 test, first 64 tokens: 2 windows x 32" in stdout
-    rows = json.loads(rows_path.read_text())
+    written = json.loads(rows_path.read_text())
+    assert written["lowbit"] == "eval"
+    rows = written["rows"]
     assert [r["model"] for r in rows] == [f"float32 {tiny_llama_dir.name}", str(int4_dir)]
     assert all(math.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in rows)
 
@@ -229,7 +232,8 @@ def test_eval_defaults_to_the_source_model(int4_dir, tiny_llama_dir, capsys):
     ("args", "message"),
     [
         (["--windows", "0"], "windows >= 1"),
-        (["--seq-len", "1"], "seq_len must be >= 2"),
+        (["--seq-len", "1"], "--seq-len must be >= 2"),
+        (["--seq-len", "100000"], "exceeds"),
     ],
 )
 def test_eval_bad_sizes(int4_dir, tiny_llama_dir, capsys, args, message):

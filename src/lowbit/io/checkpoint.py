@@ -2,12 +2,15 @@
 
 Layout of a saved directory::
 
-    lowbit.json         format, version, per-layer specs, tied-tensor aliases, sha256 of the tensors
+    lowbit.json         format, version, per-layer specs, tied-tensor aliases, sha256 of the
+                        tensors, and the list of files lowbit wrote
     model.safetensors   every tensor of the state dict (quantized buffers and float parameters)
-    ...                 extra files the caller adds (a Hugging Face config and tokenizer, say)
+    ...                 extra files the caller adds (a Hugging Face config and tokenizer, say),
+                        and any files of the user's own, which saving never touches
 
-Writes go to a temporary sibling directory that is renamed into place at the end, so a failed
-save leaves nothing behind. Loading reads JSON and safetensors only: nothing is unpickled.
+Writes are staged inside the directory and moved into place with the manifest last
+(`lowbit.io.staging`), so a failed or killed save never leaves a mix or an empty name.
+Loading reads JSON and safetensors only: nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +28,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowbit.io.outputs import write_text_atomic
+from lowbit.io.staging import (
+    OBSOLETE,
+    STAGE_PREFIX,
+    commit,
+    new_stage,
+    only_stages,
+    recover,
+    staged_files,
+)
 from lowbit.model import linear_weight, set_submodule
 from lowbit.nn import QuantLinear
 from lowbit.spec import QuantSpec
@@ -45,31 +57,130 @@ def save(
     write_extra: Callable[[Path], None] | None = None,
     overwrite: bool = True,
 ) -> Path:
-    """Save ``model`` (quantized or not) to ``directory`` atomically.
+    """Save ``model`` (quantized or not) to ``directory``, crash-safely.
+
+    Files go into a hidden stage folder inside ``directory`` and are moved into place with the
+    manifest last (see `lowbit.io.staging`): a failed or killed save leaves the previous
+    checkpoint, or the new one once the next save or load has finished the move; never a mix,
+    never an empty name. Files in ``directory`` that lowbit did not write (notes, reports,
+    evaluation results) are kept; a previous save's files that this one does not write again
+    are removed. A symlink to a directory stays a symlink: the checkpoint goes where it points.
 
     Args:
         model: a model whose `QuantLinear` layers (and everything else in its state dict) are saved.
-        directory: created (or replaced when ``overwrite``) only once everything is written.
-        metadata: JSON-able information stored under ``"metadata"`` in the manifest.
-        write_extra: called with the temporary directory to add files (configs, tokenizers).
-        overwrite: replace an existing directory, but only an empty one or one that `save`
-            wrote (it holds ``lowbit.json``): anything else (a source model, say) is an error.
+        directory: created if missing (with its parents). If it exists it must be empty or a
+            lowbit checkpoint (it holds ``lowbit.json``): anything else (a source model, say) is
+            an error, raised before anything is written.
+        metadata: JSON-able information stored under ``"metadata"`` in the manifest (strict
+            JSON: NaN and infinities are refused).
+        write_extra: called with the stage folder to add files (configs, tokenizers); they
+            become part of the checkpoint (listed in the manifest as lowbit's own).
+        overwrite: replace an existing lowbit checkpoint (default); ``False`` refuses.
 
     Returns:
-        The directory's path.
+        The directory's path (as given).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: metadata is not strict JSON, a tensor is on the meta device, or
+            ``directory`` is a file or a dangling symlink.
+        FileExistsError: ``directory`` is not a lowbit checkpoint (or ``overwrite=False``), or
+            an extra file would replace a file lowbit did not write.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    metadata_json = _strict_json(metadata or {}, "metadata")
     target = Path(directory)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
-    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
-        raise FileExistsError(
-            f"{str(target)!r} exists and is not a lowbit checkpoint; refusing to replace it"
+    real = check_save_target(target, overwrite=overwrite)
+    meta = [name for name, t in model.state_dict().items() if t.is_meta]
+    if meta:
+        raise ValueError(
+            f"cannot save: tensors {meta[:5]} are on the meta device (no data); "
+            "load or quantize real weights first"
         )
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"directory {str(target)!r} exists and is not a directory")
     state, aliases = _dedup_state(model.state_dict())
+    layers = _layer_entries(model)
+    created = _make_parents(real)
+    stage = None
+    try:
+        previous, deletable = _owned_files(real)
+        stage = new_stage(real)
+        tensors_path = stage / TENSORS
+        save_file(state, str(tensors_path), metadata={"format": FORMAT_NAME})
+        if write_extra is not None:
+            write_extra(stage)
+        files = staged_files(stage, MANIFEST)
+        if previous is not None:
+            clobbered = [f for f in files if (real / f).exists() and f not in previous]
+            if clobbered:
+                raise FileExistsError(
+                    f"{str(target)!r}: saving would replace {clobbered[:5]}, which lowbit did "
+                    "not write; move them away or save elsewhere"
+                )
+            obsolete = sorted(set(deletable) - set(files) - {MANIFEST})
+            (stage / OBSOLETE).write_text(json.dumps(obsolete))
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "tensors_file": TENSORS,
+            "sha256": _sha256(tensors_path),
+            "layers": layers,
+            "aliases": aliases,
+            "files": files,
+            "metadata": json.loads(metadata_json),
+        }
+        # The stage's manifest is written last: its presence marks the stage complete.
+        write_text_atomic(stage / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False))
+        commit(stage, real, MANIFEST)
+    except BaseException:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    return target
+
+
+def check_save_target(directory: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """Check that `save` may write to ``directory``, before any long work; return the real
+    folder it will write (a symlink resolved). Also finishes or cleans up what an earlier
+    killed save left there.
+
+    Raises:
+        ValueError: ``directory`` (or a folder above it) is a file, or a dangling symlink.
+        FileExistsError: it exists and is neither empty nor a lowbit checkpoint, or it is a
+            checkpoint and ``overwrite`` is false.
+        PermissionError: it (or the nearest folder above it that exists) is not writable.
+    """
+    target = Path(directory)
+    if target.is_symlink() and not target.exists():
+        raise ValueError(f"{str(target)!r} is a symlink to nothing ({os.readlink(target)!r})")
+    real = target.resolve() if target.is_symlink() else target
+    recover(real, MANIFEST)
+    if real.exists() and not real.is_dir():
+        raise ValueError(f"directory {str(target)!r} exists and is not a directory")
+    if real.is_dir():
+        if (real / MANIFEST).is_file():
+            if not overwrite:
+                raise FileExistsError(f"{str(target)!r} exists; pass overwrite=True to replace it")
+        elif not only_stages(real):
+            raise FileExistsError(
+                f"{str(target)!r} exists and is not a lowbit checkpoint; refusing to write into it"
+            )
+    existing = real
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot write to {str(target)!r}: {str(existing)!r} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to {str(target)!r}: {str(existing)!r} is not writable")
+    return real
+
+
+def _layer_entries(model: nn.Module) -> dict[str, dict]:
+    """The manifest's ``layers``: spec, shape, bias and dtype of every `QuantLinear`, each
+    stored once, with the other names a shared layer is registered under (``also_at``)."""
     layers = {
         name: {
             "spec": module.spec.to_dict(),
@@ -81,47 +192,60 @@ def save(
         for name, module in model.named_modules()
         if isinstance(module, QuantLinear)
     }
-    # A layer registered under several names is stored once; the other names are recorded.
     for path, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, QuantLinear) and path not in layers:
             first = next(n for n, m in model.named_modules() if m is module)
             layers[first].setdefault("also_at", []).append(path)
-    created = _make_parents(target.parent)
-    tmp = None
+    return layers
+
+
+def _owned_files(directory: Path) -> tuple[list[str] | None, list[str]]:
+    """(files a save may overwrite, files it may delete) in the checkpoint in ``directory``:
+    those lowbit wrote. ``(None, [])`` where there is no checkpoint.
+
+    Checkpoints of lowbit 0.1 list no files; their directory was always replaced whole, so
+    every file they hold may be overwritten, but none is deleted (the user may have added it).
+    """
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None, []
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        # mkdtemp makes the folder private (0700); a saved model should be as readable as any.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        tensors_path = tmp / TENSORS
-        save_file(state, str(tensors_path), metadata={"format": FORMAT_NAME})
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "tensors_file": TENSORS,
-            "sha256": _sha256(tensors_path),
-            "layers": layers,
-            "aliases": aliases,
-            "metadata": metadata or {},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if write_extra is not None:
-            write_extra(tmp)
-        _replace_dir(tmp, target)
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
-    return target
+        manifest = json.loads(path.read_text())
+    except (ValueError, OSError, RecursionError):
+        manifest = None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if isinstance(files, list) and all(isinstance(f, str) for f in files):
+        return [MANIFEST, *files], files
+    legacy = [p.relative_to(directory).as_posix() for p in _legacy_files(directory)]
+    return [MANIFEST, *legacy], []
+
+
+def _legacy_files(directory: Path):
+    for path in directory.rglob("*"):
+        if path.is_file() and not any(p.startswith(STAGE_PREFIX) for p in path.parts):
+            yield path
+
+
+def _strict_json(value, what: str) -> str:
+    """``value`` as strict JSON text, or a ValueError naming ``what``."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError as err:
+        raise ValueError(f"{what} must be strict JSON (no NaN or infinity): {err}") from None
+    except (TypeError, RecursionError) as err:
+        raise ValueError(f"{what} is not JSON-serialisable: {err}") from None
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
-    """The parsed ``lowbit.json`` of a saved directory, checked for format and version."""
-    path = Path(directory) / MANIFEST
+    """The parsed ``lowbit.json`` of a saved directory, checked for format and version.
+
+    A save that was killed while moving its files into ``directory`` is finished first (see
+    `lowbit.io.staging.recover`), so the manifest read is always a whole checkpoint's.
+    """
+    directory = Path(directory)
+    with contextlib.suppress(OSError):
+        recover(directory.resolve() if directory.is_symlink() else directory, MANIFEST)
+    path = directory / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no lowbit manifest at {str(path)!r}")
     try:
@@ -332,19 +456,3 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` to ``target``, replacing an existing ``target`` only after the move is ready."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rmdir(old)
-    os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

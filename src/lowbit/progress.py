@@ -1,0 +1,54 @@
+"""Progress for long steps: tqdm bars and one-line status messages, on standard error.
+
+Bars are shown where standard error is a terminal and only once a step has lasted two seconds,
+so quick steps and logs stay quiet; ``LOWBIT_PROGRESS=1`` forces them on, ``=0`` off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+
+from tqdm.auto import tqdm
+
+DELAY_S = 2.0
+
+
+def enabled(progress: bool | None = None) -> bool:
+    """Whether to show progress: ``progress`` if given, else ``LOWBIT_PROGRESS``, else whether
+    standard error is a terminal."""
+    if progress is not None:
+        return bool(progress)
+    forced = os.environ.get("LOWBIT_PROGRESS")
+    if forced is not None:
+        return forced not in ("", "0", "false", "no")
+    return sys.stderr.isatty()
+
+
+def bar(
+    iterable: Iterable,
+    desc: str,
+    *,
+    total: int | None = None,
+    unit: str = "it",
+    progress: bool | None = None,
+):
+    """``iterable`` wrapped in a tqdm bar that appears after `DELAY_S` seconds (if enabled)."""
+    return tqdm(
+        iterable,
+        desc=desc,
+        total=total,
+        unit=unit,
+        delay=DELAY_S,
+        disable=not enabled(progress),
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+    )
+
+
+def status(message: str) -> None:
+    """Say on standard error what a long step without a bar is doing (always shown: these
+    steps take tens of seconds and happen once)."""
+    print(f"lowbit: {message}", file=sys.stderr, flush=True)

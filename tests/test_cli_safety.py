@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 import lowbit.eval
@@ -229,6 +228,17 @@ def test_eval_of_a_folder_saved_without_config_fails_first(
     lowbit.save(model, tmp_path / "bare")
     assert main(eval_argv(quantized_dir, tmp_path / "bare", model=tiny_llama_dir)) == 2
     assert "has no config.json" in capsys.readouterr().err
+
+
+def test_eval_of_a_corrupted_checkpoint_fails_first(
+    quantized_dir, tiny_llama_dir, tmp_path, capsys, no_evaluation
+):
+    copy = copy_model(quantized_dir, tmp_path / "q")
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    assert main(eval_argv(quantized_dir, copy, model=tiny_llama_dir)) == 2
+    assert "corrupted" in capsys.readouterr().err
 
 
 def test_eval_prints_each_row_and_keeps_json_current(quantized_dir, tiny_llama_dir, tmp_path):

@@ -21,8 +21,7 @@ from torch import nn
 
 import lowbit
 from lowbit import QuantSpec, quantize_model
-from lowbit.io import read_manifest
-from lowbit.io import staging
+from lowbit.io import read_manifest, staging
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 

@@ -328,7 +328,7 @@ def cmd_eval(args) -> int:
     as it is measured.
     """
     from lowbit.eval import eval_tokens, perplexity
-    from lowbit.io import read_manifest
+    from lowbit.io.checkpoint import verify
     from lowbit.io.hf import load_config, load_pretrained, load_quantized, load_tokenizer
     from lowbit.io.outputs import check_output_file, write_json
     from lowbit.model import model_bytes
@@ -338,7 +338,7 @@ def cmd_eval(args) -> int:
         raise ValueError(
             f"--seq-len must be >= 2 and --windows >= 1, got {args.seq_len}, {args.windows}"
         )
-    manifests = [read_manifest(d) for d in args.quantized]
+    manifests = [verify(d) for d in args.quantized]
     for directory in args.quantized:
         if not (Path(directory) / "config.json").is_file():
             raise ValueError(

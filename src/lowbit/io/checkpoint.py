@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -456,3 +456,31 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def verify(directory: str | os.PathLike) -> dict:
+    """Check a saved directory without loading it into a model; return its manifest.
+
+    Reads the manifest, checks that the tensors file is there, matches its sha256 and has a
+    readable safetensors header: what `load` would find wrong with the files themselves, in
+    the time it takes to read them once (a long evaluation checks every input first).
+
+    Raises:
+        FileNotFoundError: no manifest or no tensors file.
+        ValueError: an invalid manifest, or a corrupted or truncated tensors file.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    tensors_path = directory / str(manifest["tensors_file"])
+    if not tensors_path.is_file():
+        raise FileNotFoundError(f"tensors file {str(tensors_path)!r} is missing")
+    if _sha256(tensors_path) != manifest["sha256"]:
+        raise ValueError(
+            f"{str(tensors_path)!r} is corrupted: its sha256 does not match the manifest"
+        )
+    try:
+        with safe_open(str(tensors_path), "pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"cannot read {str(tensors_path)!r}: {err}") from None
+    return manifest

@@ -148,7 +148,7 @@ def test_json_report_totals(tiny_llama_dir, tmp_path, capsys):
         (["--bits", "1"], "bits=1 is out of range"),
         (["--bits", "9"], "bits must be in 1..8, got 9"),
         (["--bits", "0"], "bits must be in 1..8, got 0"),
-        (["--group-size", "0"], "group_size must be >= 1"),
+        (["--group-size", "0"], "group_size must be in 1.."),
         (["--granularity", "channel", "--group-size", "32"], "conflicts with granularity"),
         (["--model", "MISSING"], "MISSING"),
     ],
@@ -269,8 +269,8 @@ def test_codebook_grid_and_best_grid(tiny_llama_dir, tmp_path, capsys):
 
     best = tmp_path / "best"
     assert main([*argv, "--grid", "best", "--out", str(best)]) == 0
-    printed = capsys.readouterr().out
-    assert "best per layer of int4 g32 asym, " in printed and "nf44 g32 sym" in printed
+    printed, warned = capsys.readouterr()
+    assert "best per layer of int4 g32 asym, " in printed and "nf4 g32 sym" in printed
     chosen = {info["spec"]["grid"] for info in read_manifest(best)["layers"].values()}
     assert chosen <= {
         "int",
@@ -285,9 +285,19 @@ def test_codebook_grid_and_best_grid(tiny_llama_dir, tmp_path, capsys):
         g + "-quantile"
         for g in ("gaussian", "logistic", "laplace", "gumbel", "exponential", "cauchy")
     }
+    # Candidates differ in size (int4 with zero points is larger): the report says so.
+    assert "differ in stored size" in warned and "size_adjusted" in warned
     loaded, _ = load_quantized(best)
     with torch.inference_mode():
         assert torch.isfinite(loaded(input_ids=torch.arange(10)[None]).logits).all()
+
+    # Compared at equal size, the 4.5 bits/weight codebooks are not beaten by size alone.
+    even = tmp_path / "even"
+    assert main([*argv, "--grid", "best", "--choose", "size_adjusted", "--out", str(even)]) == 0
+    kept = [info["spec"] for info in read_manifest(even)["layers"].values()]
+    assert sum(spec["grid"] != "int" for spec in kept) >= sum(
+        info["spec"]["grid"] != "int" for info in read_manifest(best)["layers"].values()
+    )
 
 
 def test_bad_grid_arguments_fail_before_loading(tiny_llama_dir, tmp_path, capsys):

@@ -265,6 +265,9 @@ def test_eval_prints_each_row_and_keeps_json_current(quantized_dir, tiny_llama_d
         (["--exclude", "re:["], "re:["),
         (["--fit", "mse", "--calibrate", "2", "--rotate"], "--rotate"),
         (["--group-size", "10000000000000000000000"], "group_size"),
+        (["--symmetric", "--zero-point", "float"], "zero_point='float'"),
+        (["--grid", "nf4", "--symmetric", "--zero-point", "float"], "zero_point='float'"),
+        (["--bits", "3", "--grid", "nf4"], "'nf4'"),
     ],
 )
 def test_bad_arguments_fail_before_loading(

@@ -101,10 +101,10 @@ def test_packed_output_decodes_both_ways(dist, levels):
     q_ref, info_ref = real.quantize(x, dist=dist, beta=info["beta"], **levels)
     assert torch.equal(q, q_ref)  # the same int64 words
     mine = ours.dequantize(q, **info)
-    # distquant decodes our words (it shifts its input in place: give it a copy).
-    torch.testing.assert_close(real.dequantize(q.clone(), **info), mine, rtol=1e-5, atol=1e-6)
-    # and we decode its words and info (its gumbel scale is a 0-d tensor).
-    torch.testing.assert_close(ours.dequantize(q_ref, **info_ref), mine, rtol=1e-5, atol=1e-6)
+    # distquant decodes our words (it shifts its input in place: give it a copy) to the same
+    # float32 values, and we decode its words and info (its gumbel scale is a 0-d tensor).
+    assert torch.equal(real.dequantize(q.clone(), **info), mine)
+    assert torch.equal(ours.dequantize(q_ref, **info_ref), mine)
     assert info["abs_error"] == pytest.approx((mine - x).abs().mean().item(), rel=1e-5)
 
 
@@ -315,3 +315,64 @@ def test_families_match_distquants_maps():
             torch.testing.assert_close(
                 fam.optimal_cdf(arg), ours._DISTS[name].u(arg, 1.0), rtol=1e-6, atol=1e-9
             )
+
+
+# --------------------------------------------------------------------------- levels
+
+SWEEP_BETAS = (0.1, 0.5, 0.794, 1.0, 1.259, 3.162, 10.0)
+
+
+@pytest.mark.parametrize("dist", ours.DISTS)
+def test_levels_equal_distquants_for_all_bits_and_betas(dist):
+    # Every code of every dist at 1..8 bits and several betas decodes to exactly distquant's
+    # float32 value, with a realistic scale and loc (distquant's gumbel scale is a 0-d tensor).
+    # The float64 quantiles rounded once differed by float32 roundings and, for gumbel_cdf, by
+    # ~1e-5 relative (torch's Gumbel inverts through a Uniform(tiny, 1 - eps) base).
+    for scale, loc in ((1.0, 0.0), (0.0371, 0.0123), (2.5, -1.3)):
+        for k in range(1, 9):
+            n = 2**k
+            codes = torch.arange(n).repeat(3)  # positions across vector lanes and the tail
+            for beta in SWEEP_BETAS:
+                b = _beta(dist, beta)
+                info = {
+                    "dist": dist,
+                    "scale": torch.tensor(scale) if dist.startswith("gumbel") else scale,
+                    "loc": loc,
+                    "n": n,
+                    "packbits": False,
+                    "beta": b,
+                    "shape": [codes.numel()],
+                    "n_elems": codes.numel(),
+                }
+                ref = real.dequantize(codes.clone(), **info)
+                assert torch.isfinite(ref).all()
+                assert torch.equal(ours.dequantize(codes, **info), ref), (dist, k, beta, scale)
+
+
+@pytest.mark.parametrize("dist", ours.DISTS)
+def test_quantize_then_dequantize_equals_distquant_at_8_bits(dist):
+    x = _data("exponential" if dist.startswith("exponential") else "normal", size=3_001)
+    for beta in (0.794, 1.0):
+        b = _beta(dist, beta)
+        q, info = ours.quantize(x, k=8, dist=dist, beta=b)
+        q_ref, info_ref = real.quantize(x, k=8, dist=dist, beta=b)
+        assert torch.equal(q, q_ref)
+        mine = ours.dequantize(q, **info)
+        assert torch.equal(real.dequantize(q_ref, **info_ref), mine)
+        assert torch.equal(real.dequantize(q.clone(), **info), mine)
+
+
+def test_odd_n_middle_level_is_the_location_for_symmetric_dists():
+    # The one documented difference from distquant's levels: its logistic middle level is
+    # 2 log(tan(pi/4)) in float32, not 0; ours is exactly loc, as for the other symmetric dists.
+    for dist in SYMMETRIC:
+        for n in (3, 15, 255):
+            codes = torch.arange(n)
+            info = {"dist": dist, "scale": 0.3, "loc": 0.125, "n": n, "packbits": False,
+                    "beta": 0.794, "shape": [n], "n_elems": n}  # fmt: skip
+            mine = ours.dequantize(codes, **info)
+            ref = real.dequantize(codes.clone(), **info)
+            assert mine[n // 2] == 0.125
+            others = torch.arange(n) != n // 2
+            assert torch.equal(mine[others], ref[others])
+            torch.testing.assert_close(mine, ref, rtol=0, atol=1e-6)

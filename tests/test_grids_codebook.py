@@ -109,7 +109,7 @@ def test_codebook_layers_run_save_and_load(tmp_path):
         "2": lowbit.QuantSpec(bits=3, group_size=32, symmetric=True, grid="gaussian"),
     }
     report = lowbit.quantize_model(model, rules, progress=False)
-    assert [r.spec for r in report.quantized] == ["nf44 g64 sym", "gaussian3 g32 sym"]
+    assert [r.spec for r in report.quantized] == ["nf4 g64 sym", "gaussian3 g32 sym"]
     layer = model[0]
     assert layer.selected_kernel() is None  # no packed kernel takes codebooks: exact fallback
     x = torch.randn(5, 128)
@@ -123,7 +123,7 @@ def test_codebook_layers_run_save_and_load(tmp_path):
 def test_codebooks_refuse_asymmetric_specs_and_wrong_bits():
     w = torch.randn(8, 32)
     with pytest.raises(ValueError, match="'nf4'.*symmetric"):
-        lowbit.quantize(w, lowbit.QuantSpec(bits=4, grid="nf4"))
+        lowbit.quantize(w, lowbit.QuantSpec(bits=4, grid="nf4", symmetric=False))
     with pytest.raises(ValueError, match="bits=3.*'nf4'"):
         lowbit.quantize(w, lowbit.QuantSpec(bits=3, symmetric=True, grid="nf4"))
     with pytest.raises(ValueError, match="bits=9|bits must be in"):
@@ -131,7 +131,7 @@ def test_codebooks_refuse_asymmetric_specs_and_wrong_bits():
     with pytest.raises(ValueError, match="unknown grid 'nf5'"):
         lowbit.quantize(w, lowbit.QuantSpec(bits=4, symmetric=True, grid="nf5"))
     with pytest.raises(ValueError, match="symmetric"):
-        lowbit.QuantLinear(32, 8, spec=lowbit.QuantSpec(bits=4, grid="gaussian"))
+        lowbit.QuantLinear(32, 8, spec=lowbit.QuantSpec(bits=4, grid="gaussian", symmetric=False))
 
 
 def test_all_inverse_cdfs_are_increasing():

@@ -199,3 +199,56 @@ def test_select_kernel_none_for_unsupported_formats():
         select_kernel(make_qt((32, 256), QuantSpec(bits=4, group_size=64)), torch.device("meta"))
         is None
     )
+
+
+def dummy_kernel(**overrides):
+    fields = {
+        "name": "test_dummy",
+        "supports": lambda qt, device: False,
+        "prepare": lambda qt: {},
+        "run": lambda x, prepared, bias: x,
+        "max_tokens": 8,
+    }
+    return Kernel(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"name": ""}, "name must be a non-empty str"),
+        ({"name": 3}, "name must be a non-empty str"),
+        ({"run": "F.linear"}, "run must be callable"),
+        ({"max_tokens": -1}, "max_tokens must be an int >= 0"),
+        ({"max_tokens": 1.5}, "max_tokens must be an int >= 0"),
+        ({"max_tokens": True}, "max_tokens must be an int >= 0"),
+    ],
+)
+def test_malformed_kernels_are_refused(overrides, match):
+    with pytest.raises(TypeError, match=match):
+        dummy_kernel(**overrides)
+
+
+def test_register_kernel_checks_its_argument():
+    before = available_kernels()
+    with pytest.raises(TypeError, match="register_kernel takes a Kernel, got str"):
+        register_kernel("cpu_int4pack")
+    # QuantLinear reads these names as settings: a kernel under them could never be chosen.
+    for name in ("auto", "dequantize"):
+        with pytest.raises(ValueError, match="reserved"):
+            register_kernel(dummy_kernel(name=name))
+    with pytest.raises(ValueError, match="already registered"):
+        register_kernel(dummy_kernel(name=before[0]))
+    assert available_kernels() == before
+
+
+def test_get_kernel_and_select_kernel_check_their_arguments():
+    with pytest.raises(TypeError, match="kernel name must be a str, got 3"):
+        get_kernel(3)
+    with pytest.raises(ValueError, match="unknown kernel 'fastest'"):
+        get_kernel("fastest")
+    qt = make_qt((32, 256), QuantSpec(bits=4, group_size=64))
+    with pytest.raises(TypeError, match="qt must be a QuantizedTensor, got Tensor"):
+        select_kernel(torch.randn(32, 256), CPU)
+    # A device name works as a torch.device does.
+    assert select_kernel(qt, "cpu") is select_kernel(qt, CPU) is not None
+    assert select_kernel(qt, "meta") is None

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import sys
 
 import pytest
 import torch
+import tqdm.std
 from torch import nn
 
+import lowbit.model as lowbit_model
 from lowbit import QuantLinear, QuantSpec, Report, quantize, quantize_model
 from lowbit.model import match_pattern, model_bytes, resolve_specs, weight_error
 
@@ -94,7 +98,8 @@ def tiny_lm(tie=False):
 
 
 def quant(model, rules, *args, **kwargs):
-    return quantize_model(model, rules, *args, progress=False, **kwargs)
+    kwargs.setdefault("progress", False)
+    return quantize_model(model, rules, *args, **kwargs)
 
 
 def snapshot(model):
@@ -241,13 +246,50 @@ def test_layer_kwargs_reach_the_layers():
         assert model[i].kernel == "dequantize" and model[i].cache_dequantized
 
 
-def test_quantized_layers_are_not_quantized_again():
+def test_an_already_quantized_model_is_refused():
     model = mlp()
     quant(model, S8)
     layers = [model[i] for i in (0, 2, 4)]
-    report = quant(model, S2)
-    assert report.layers == []
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"already quantized: 3 QuantLinear layers.*'0', '2', '4'"):
+        quant(model, S2)
     assert [model[i] for i in (0, 2, 4)] == layers
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_second_run_with_the_same_exclusion_is_refused():
+    # The CLI's case: lm_head excluded both times, so one float layer is left, but excluded.
+    model = tiny_lm()
+    quant(model, S4, exclude=["lm_head"])
+    with pytest.raises(ValueError, match="already quantized: 8 QuantLinear layers"):
+        quant(model, S4, exclude=["lm_head"])
+    assert type(model.lm_head) is nn.Linear
+
+
+def test_rules_selecting_only_quantized_layers_are_refused():
+    model = tiny_lm()
+    quant(model, {"blocks.0.*": S4})
+    with pytest.raises(ValueError, match="already quantized: 4 QuantLinear layers"):
+        quant(model, {"blocks.0.*": S2})
+    assert all(model.get_submodule(n).spec == S4 for n in LM_LINEARS if n.startswith("blocks.0"))
+
+
+def test_a_partly_quantized_model_gets_the_rest_quantized():
+    model = tiny_lm()
+    quant(model, {"blocks.0.*": S4})
+    first = {n: model.get_submodule(n) for n in LM_LINEARS if n.startswith("blocks.0")}
+    codes = {n: layer.packed.clone() for n, layer in first.items()}
+    report = quant(model, S8)
+    assert [r.name for r in report.layers] == LM_LINEARS
+    for name, layer in first.items():
+        assert model.get_submodule(name) is layer and torch.equal(layer.packed, codes[name])
+        row = next(r for r in report.layers if r.name == name)
+        assert row.skipped == f"already quantized ({S4.label})" and row.spec is None
+        assert row.bits_per_weight == layer.quantized_weight.bits_per_weight
+    rest = [n for n in LM_LINEARS if n not in first]
+    assert [r.name for r in report.quantized] == rest
+    assert all(model.get_submodule(n).spec == S8 for n in rest)
+    assert report.warnings == []
 
 
 def test_progress_bar_does_not_change_the_result():
@@ -336,10 +378,10 @@ def test_group_size_that_does_not_divide_in_features():
     assert torch.isfinite(model(x)).all()
 
 
-def test_bits_out_of_range_names_bits_and_the_layer():
+def test_bits_out_of_range_names_bits_and_the_rule():
     model = tiny_lm()
     snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"layer 'lm_head'.*bits=1"):
+    with pytest.raises(ValueError, match=r"rules entry 'lm_head'.*bits=1"):
         quant(model, {"lm_head": QuantSpec(bits=1), "*": S4})
     assert_untouched(model, snap)
 
@@ -550,3 +592,435 @@ def test_code_entropy_of_known_codes():
     qt = quantize(w, QuantSpec(bits=4, granularity="tensor"))
     assert qt.code_entropy() == pytest.approx(4.0)
     assert quantize(torch.ones(4, 32), QuantSpec(bits=4)).code_entropy() == 0.0
+
+
+# --- rules, patterns and arguments are checked before anything is touched ---------------------
+
+
+def untouched_after(model, call, error, match):
+    """``call()`` raises ``error`` matching ``match`` and leaves ``model`` as it was."""
+    snap = snapshot(model)
+    with pytest.raises(error, match=match):
+        call()
+    assert_untouched(model, snap)
+
+
+@pytest.mark.parametrize(
+    "rules, exclude, match",
+    [
+        ({"re:[": S4}, (), r"rules pattern 're:\['.*regular expression"),
+        # A bad pattern behind a rule that already matches every layer is still an error.
+        ({"*": S4, "re:(": S8}, (), r"rules pattern 're:\('"),
+        (S4, ["re:["], r"exclude pattern 're:\['.*regular expression"),
+        (S4, "re:*x", r"exclude pattern 're:\*x'"),
+        ({"": S4}, (), "empty name pattern"),
+        (S4, ["re:"], "empty regular expression"),
+    ],
+)
+def test_bad_patterns_raise_value_errors_naming_them(rules, exclude, match):
+    model = tiny_lm()
+    untouched_after(model, lambda: quant(model, rules, exclude), ValueError, match)
+    with pytest.raises(ValueError, match=match):
+        lowbit_model.check_rules(rules, exclude)
+
+
+@pytest.mark.parametrize(
+    "rules, exclude, error, match",
+    [
+        ({3: S4}, (), TypeError, r"rules entry 3: keys must be name patterns \(str"),
+        ({"*": "int4"}, (), TypeError, r"rules entry '\*'.*got str 'int4'"),
+        ({"*": []}, (), TypeError, r"rules entry '\*'.*got an empty list"),
+        ({"*": [S4, None]}, (), TypeError, r"rules entry '\*'.*non-empty list of QuantSpec"),
+        ({"*": {S4}}, (), TypeError, r"rules entry '\*'"),
+        ("int4", (), TypeError, "rules must be a QuantSpec or a dict"),
+        (S4, 3, TypeError, "exclude must be a list of name patterns"),
+        (S4, ["lm_head", 3], TypeError, r"exclude pattern must be a str.*got 3"),
+        (S4, {"lm_head": 1}, TypeError, "exclude must be a list of name patterns"),
+        (
+            {"*": QuantSpec(bits=4, fit="mse", fit_options={"tries": 3})},
+            (),
+            ValueError,
+            r"rules entry '\*' \(int4 channel asym mse\).*no option",
+        ),
+        ({"*": QuantSpec(bits=4, grid="int5")}, (), ValueError, r"rules entry '\*'.*unknown grid"),
+        (QuantSpec(bits=4, fit="best"), (), ValueError, r"rules: unknown fit 'best'"),
+    ],
+)
+def test_bad_rules_are_refused_before_any_layer(rules, exclude, error, match):
+    model = tiny_lm()
+    untouched_after(model, lambda: quant(model, rules, exclude), error, match)
+    with pytest.raises(error, match=match):
+        lowbit_model.check_rules(rules, exclude)
+
+
+def test_check_rules_accepts_what_quantize_model_takes():
+    for rules, exclude in [
+        (S4, ()),
+        ({"*.mlp.*": [S4, S8], "re:blocks\\.[0-9]+\\..*": S2, "lm_head": None}, ["lm_head"]),
+        (S8, "lm_head"),
+        (S8, None),
+    ]:
+        assert lowbit_model.check_rules(rules, exclude) is None
+    assert lowbit_model.match_pattern("lm_[", "lm_[")  # an unclosed '[' is literal in a glob
+    with pytest.raises(ValueError, match=r"'re:\['"):
+        match_pattern("re:[", "x")
+    with pytest.raises(TypeError, match="rules entry 'y'"):
+        resolve_specs("y", {"y": []})
+
+
+def test_fit_options_are_checked_before_the_first_layer(monkeypatch):
+    # Fail fast: a typo in the last rule must not cost a quantization of the other layers.
+    calls = []
+    real = lowbit_model.quantize
+    monkeypatch.setattr(lowbit_model, "quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_lm()
+    bad = QuantSpec(bits=4, fit="mse", fit_options={"nope": 1})
+    untouched_after(model, lambda: quant(model, {"blocks.*": S4, "*": bad}), ValueError, "nope")
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"progress": "yes"}, TypeError, "progress must be True, False or None"),
+        ({"quantize_tied": "no"}, TypeError, "quantize_tied must be a bool"),
+        ({"choose": "best"}, ValueError, r"choose must be one of \('error', 'size_adjusted'\)"),
+        ({"kernal": "dequantize"}, TypeError, r"unexpected keyword argument\(s\) \['kernal'\]"),
+        ({"kernel": "fastest"}, ValueError, "unknown kernel 'fastest'"),
+        ({"cache_dequantized": "yes"}, TypeError, "cache_dequantized must be a bool"),
+        ({"importance": [torch.ones(32)]}, TypeError, "importance must map layer names"),
+        ({"importance": {0: torch.ones(32)}}, TypeError, r"layer names \(str\) to tensors"),
+        ({"importance": {"lm_head": [1.0] * 32}}, TypeError, "to tensors, got 'lm_head': list"),
+        ({"importance": {"lm_head": torch.ones(40)}}, ValueError, r"'lm_head'.*shape \[40\]"),
+        ({"importance": {"lm_head": -torch.ones(32)}}, ValueError, r"'lm_head'.*finite and >= 0"),
+        (
+            {"importance": {"lm_head": torch.full((32,), float("nan"))}},
+            ValueError,
+            r"'lm_head'.*finite",
+        ),
+        ({"importance": {"lm_head": torch.ones(32, dtype=torch.int64)}}, TypeError, "float"),
+        ({"quiet_patterns": 3}, TypeError, "quiet_patterns"),
+    ],
+)
+def test_bad_keyword_arguments_are_refused_before_any_layer(monkeypatch, kwargs, error, match):
+    calls = []
+    real = lowbit_model.quantize
+    monkeypatch.setattr(lowbit_model, "quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_lm()
+    untouched_after(model, lambda: quant(model, S4, **kwargs), error, match)
+    assert calls == []
+
+
+def test_non_finite_weights_are_found_before_any_layer_is_quantized(monkeypatch):
+    calls = []
+    real = lowbit_model.quantize
+    monkeypatch.setattr(lowbit_model, "quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_lm()
+    with torch.no_grad():
+        model.lm_head.weight[1, 2] = float("inf")
+    untouched_after(model, lambda: quant(model, S4), ValueError, r"'lm_head'.*NaN or Inf")
+    assert calls == []
+
+
+def test_a_model_that_is_itself_a_linear_layer_is_refused():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    untouched_after(layer, lambda: quant(layer, S4), ValueError, r"from_linear\(model, spec\)")
+
+
+# --- meta device -------------------------------------------------------------------------------
+
+
+def test_a_meta_model_is_refused_naming_its_layers():
+    with torch.device("meta"):
+        model = TinyLM()
+    modules = dict(model.named_modules())
+    with pytest.raises(ValueError, match=r"'blocks\.0\.attn\.q'.*on the meta device.*load real"):
+        quant(model, S4)
+    assert dict(model.named_modules()) == modules
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_a_model_built_by_accelerate_init_empty_weights_is_refused():
+    accelerate = pytest.importorskip("accelerate")
+    with accelerate.init_empty_weights():
+        model = TinyLM()
+    with pytest.raises(ValueError, match="on the meta device"):
+        quant(model, S4)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_a_partly_meta_model_is_refused_before_anything_changes():
+    model = tiny_lm()
+    with torch.device("meta"):
+        model.blocks[1].mlp.down = nn.Linear(64, 32)
+    modules = dict(model.named_modules())
+    state = {k: v.clone() for k, v in model.state_dict().items() if not v.is_meta}
+    with pytest.raises(ValueError, match=r"layer 'blocks\.1\.mlp\.down' is on the meta device"):
+        quant(model, S4)
+    assert dict(model.named_modules()) == modules
+    for key, value in model.state_dict().items():
+        assert value.is_meta == (key not in state)
+        assert value.is_meta or torch.equal(value, state[key]), key
+    # Kept float, the meta layer is left alone and the rest is quantized.
+    report = quant(model, S4, exclude=["blocks.1.mlp.down"])
+    assert len(report.quantized) == 8 and model.blocks[1].mlp.down.weight.is_meta
+
+
+def test_a_meta_bias_is_refused():
+    model = mlp()
+    model[2].bias = nn.Parameter(torch.empty(32, device="meta"))
+    with pytest.raises(ValueError, match=r"layer '2' is on the meta device"):
+        quant(model, S4)
+    assert type(model[2]) is nn.Linear
+
+
+# --- empty layers, Conv1D, warnings ------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_empty_layers_are_kept_with_a_reason():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 0), nn.Linear(0, 8), nn.Linear(16, 16))
+    report = quant(model, S4)
+    assert [(r.name, r.skipped) for r in report.skipped] == [
+        ("0", "empty (no weights)"),
+        ("1", "empty (no weights)"),
+    ]
+    assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear
+    assert [r.name for r in report.quantized] == ["2"]
+    assert report.avg_bits_per_weight == report.quantized[0].bits_per_weight
+
+
+def test_importance_of_quantized_conv1d_layers_is_not_called_unused():
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    model = nn.Sequential(conv1d(24, 16), nn.Linear(24, 8))  # Conv1D(nf=out, nx=in)
+    importance = {"0": torch.rand(16) + 0.1, "1": torch.rand(24) + 0.1, "2": torch.ones(3)}
+    report = quant(model, QuantSpec(bits=4, group_size=8, fit="mse"), importance=importance)
+    assert [r.name for r in report.quantized] == ["0", "1"]
+    assert report.warnings == [
+        "importance for '2' is unused: the model has no Linear layer of that name"
+    ]
+
+
+def test_quiet_patterns_do_not_warn_but_user_patterns_do():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 8))  # an encoder: no lm_head
+    report = quant(model, S4, exclude=["lm_head"], quiet_patterns=["lm_head"])
+    assert report.warnings == [] and len(report.quantized) == 2
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 8))
+    report = quant(
+        model, {"0": S4, "lm-head": None}, ["lm_head", "nothing.*"], quiet_patterns=["lm_head"]
+    )
+    assert report.warnings == [
+        "pattern 'nothing.*' matched no layer",
+        "pattern 'lm-head' matched no layer",
+    ]
+
+
+# --- progress ----------------------------------------------------------------------------------
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """tqdm's clock, advancing ``step[0]`` seconds per reading; no LOWBIT_PROGRESS override."""
+    monkeypatch.delenv("LOWBIT_PROGRESS", raising=False)
+    step, now = [0.0], [1000.0]
+
+    def fake_time():
+        now[0] += step[0]
+        return now[0]
+
+    monkeypatch.setattr(tqdm.std, "time", fake_time)
+    return step
+
+
+def use_stderr(monkeypatch, stream):
+    # Inside the test: pytest's capture replaces sys.stderr again after fixtures run.
+    monkeypatch.setattr(sys, "stderr", stream)
+    return stream
+
+
+def test_progress_automatic_on_a_terminal_after_two_seconds(clock, monkeypatch):
+    terminal = use_stderr(monkeypatch, FakeTerminal())
+    quantize_model(tiny_lm(), S4)  # the default, automatic; quick: nothing shown
+    assert terminal.getvalue() == ""
+    clock[0] = 0.75  # every layer "takes" over half a second: the bar appears after 2 s
+    report = quantize_model(tiny_lm(), S4)  # progress=None is the default
+    out = terminal.getvalue()
+    assert "quantizing" in out and f"/{len(report.quantized)}" in out
+
+
+def test_progress_automatic_is_silent_off_a_terminal(clock, monkeypatch):
+    clock[0] = 0.75
+    pipe = use_stderr(monkeypatch, io.StringIO())
+    quantize_model(tiny_lm(), S4)
+    assert pipe.getvalue() == ""
+
+
+def test_progress_true_and_false(clock, monkeypatch):
+    clock[0] = 0.75
+    terminal = use_stderr(monkeypatch, FakeTerminal())
+    quant(tiny_lm(), S4, progress=False)
+    assert terminal.getvalue() == ""
+    pipe = use_stderr(monkeypatch, io.StringIO())
+    quant(tiny_lm(), S4, progress=True)
+    assert "quantizing" in pipe.getvalue()
+
+
+# --- several candidate specs -------------------------------------------------------------------
+
+ASYM = QuantSpec(bits=4, group_size=32)  # 4 + 16/32 + 4/32 = 4.625 bits/weight
+SYM = QuantSpec(bits=4, group_size=32, symmetric=True)  # 4 + 16/32 = 4.5 bits/weight
+
+
+def candidate_figures(weight, specs, importance=None, fit_importance=None):
+    """(spec, bits/weight, error) of each candidate, measured independently of quantize_model:
+    fitted with ``fit_importance``, the error weighted by ``importance``."""
+    rows = []
+    for spec in specs:
+        qt = quantize(weight, spec, importance=fit_importance)
+        restored = qt.dequantize().double()
+        w = weight.double()
+        imp = torch.ones_like(w) if importance is None else importance.double().expand_as(w)
+        err = ((imp * (w - restored) ** 2).sum() / (imp * w**2).sum()).sqrt().item()
+        rows.append((spec, qt.bits_per_weight, err))
+    return rows
+
+
+def uniform_model():
+    # Uniform weights: the zero point of ASYM buys ~5-8% less error, less than its extra
+    # 0.125 bits/weight are worth (8.3%), so the two rules disagree.
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 32, bias=False), nn.Linear(64, 16, bias=False))
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.uniform_(-1, 1)
+    return model
+
+
+def test_choose_error_keeps_the_most_accurate_and_says_sizes_differ():
+    model = uniform_model()
+    weights = [layer.weight.detach().clone() for layer in model]
+    report = quant(model, {"*": [SYM, ASYM]})
+    for weight, row in zip(weights, report.quantized, strict=True):
+        figures = candidate_figures(weight, [SYM, ASYM])
+        best = min(figures, key=lambda f: f[2])
+        assert best[0] is ASYM and best[1] == 4.625  # the larger one
+        assert model.get_submodule(row.name).spec == ASYM and row.spec == ASYM.label
+        assert "smallest error of 2; candidates differ in size" in row.choice
+        assert [c["spec"] for c in row.candidates] == [SYM.label, ASYM.label]
+        assert [c["bits_per_weight"] for c in row.candidates] == [4.5, 4.625]
+        for cand, (_, _, err) in zip(row.candidates, figures, strict=True):
+            assert cand["rel_error"] == pytest.approx(err, rel=1e-4)
+    assert report.warnings == [
+        "candidate specs differ in stored size on 2 layers (4.500-4.625 bits/weight); 2 of them "
+        "kept a larger candidate than the smallest. choose='error' keeps the most accurate "
+        "whatever it costs; choose='size_adjusted' compares them at equal size (each bit halves "
+        "the error)"
+    ]
+    table = report.table()
+    assert f"{ASYM.label}*" in table and "candidate specs of different sizes" in table
+    assert json.loads(report.to_json())["layers"][0]["candidates"][1]["bits_per_weight"] == 4.625
+
+
+def test_choose_size_adjusted_compares_at_equal_size():
+    model = uniform_model()
+    weights = [layer.weight.detach().clone() for layer in model]
+    report = quant(model, {"*": [ASYM, SYM]}, choose="size_adjusted")
+    for weight, row in zip(weights, report.quantized, strict=True):
+        figures = candidate_figures(weight, [ASYM, SYM])
+        best = min(figures, key=lambda f: f[2] * 2 ** f[1])
+        assert best[0] is SYM
+        assert model.get_submodule(row.name).spec == SYM
+        assert row.rel_error == pytest.approx(figures[1][2], rel=1e-4)  # its own error
+        assert "size-adjusted" in row.choice
+    assert report.avg_bits_per_weight == 4.5
+    assert "0 of them kept a larger candidate" in report.warnings[0]
+
+
+def test_size_adjusted_still_pays_for_bits_that_are_worth_it():
+    # Gaussian weights: the zero point buys ~20% less error, more than 0.125 bits are worth.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32, bias=False))
+    with torch.no_grad():
+        model[0].weight.normal_()
+    weight = model[0].weight.detach().clone()
+    report = quant(model, {"*": [SYM, ASYM]}, choose="size_adjusted")
+    figures = candidate_figures(weight, [SYM, ASYM])
+    assert min(figures, key=lambda f: f[2] * 2 ** f[1])[0] is ASYM
+    assert report.quantized[0].spec == ASYM.label
+
+
+def test_equal_size_candidates_need_no_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    report = quant(model, {"*": [SYM, QuantSpec(bits=4, group_size=32, symmetric=True, fit="mse")]})
+    assert report.warnings == [] and "differ in size" not in report.quantized[0].choice
+    assert "*" not in report.table().split("\n")[2]
+
+
+def test_candidates_are_compared_by_importance_weighted_error():
+    # Small weights in the first half of each row, large ones in the second; only the first
+    # half matters. The importance-aware mse fit clips the unimportant large weights: it wins
+    # on the weighted error and loses on the plain one to min/max (which ignores importance).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16, bias=False))
+    with torch.no_grad():
+        model[0].weight.normal_(0, 0.05)
+        model[0].weight[:, 32:] *= 20
+    weight = model[0].weight.detach().clone()
+    importance = torch.cat([torch.ones(32), torch.full((32,), 1e-4)])
+    plain = QuantSpec(bits=4)
+    searched = QuantSpec(bits=4, fit="mse")
+    report = quant(model, {"*": [plain, searched]}, importance={"0": importance})
+    both = [plain, searched]
+    weighted = candidate_figures(weight, both, importance, fit_importance=importance)
+    unweighted = candidate_figures(weight, both, fit_importance=importance)
+    assert min(unweighted, key=lambda f: f[2])[0] is plain
+    assert min(weighted, key=lambda f: f[2])[0] is searched
+    assert model[0].spec == searched
+    row = report.quantized[0]
+    assert "smallest importance-weighted error of 2" in row.choice
+    assert row.candidates[1]["weighted_error"] == pytest.approx(weighted[1][2], rel=1e-4)
+    assert row.rel_error == pytest.approx(unweighted[1][2], rel=1e-4)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def test_weight_error_checks_shapes_and_weighs():
+    with pytest.raises(ValueError, match=r"restored has shape \[1\], weight \[3\]"):
+        weight_error(torch.ones(3), torch.ones(1))
+    with pytest.raises(TypeError, match="restored must be a tensor"):
+        weight_error(torch.ones(3), [1.0, 1.0, 1.0])
+    w = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+    restored = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    rel, _ = weight_error(w, restored, importance=torch.tensor([1.0, 0.0]))
+    assert rel == 0.0  # the only difference is in a column of weight 0
+    rel, sqnr = weight_error(w, restored, importance=torch.tensor([0.0, 1.0]))
+    assert rel == pytest.approx(1 / math.sqrt(17)) and sqnr == pytest.approx(-20 * math.log10(rel))
+    with pytest.raises(ValueError, match="importance has shape"):
+        weight_error(w, restored, importance=torch.ones(3))
+
+
+def test_report_checks_max_rows_and_serialises_warnings(quantized_lm):
+    _, report, _, _, _ = quantized_lm
+    with pytest.raises(ValueError, match="max_rows"):
+        report.table(max_rows=-1)
+    report.warnings = ["something"]
+    report.bytes_after = 0
+    data = json.loads(report.to_json())
+    assert data["warnings"] == ["something"]
+    report.seconds = float("inf")
+    assert json.loads(report.to_json())["totals"]["seconds"] is None  # strict JSON
+
+
+def test_set_submodule_refuses_the_root():
+    with pytest.raises(ValueError, match="model itself"):
+        lowbit_model.set_submodule(mlp(), "", nn.ReLU())

@@ -9,6 +9,7 @@ from torch import nn
 
 from lowbit import QuantLinear, QuantSpec, quantize
 from lowbit.kernels import available_kernels, get_kernel
+from lowbit.tensor import QuantizedTensor
 
 KERNEL_SPECS = [
     QuantSpec(bits=4, group_size=64),
@@ -391,3 +392,117 @@ def test_partial_last_group_forward(kernel):
     want = torch.nn.functional.linear(x, weight, linear.bias)
     assert torch.allclose(layer(x).float(), want.float(), rtol=2e-2, atol=2e-2)
     assert rel_error(weight, linear.weight) < 0.15
+
+
+# --- bad input is refused with a clear error ---------------------------------------------------
+
+
+def test_from_linear_refuses_a_quantlinear():
+    # Re-quantizing the restored weight would add a second rounding to the first.
+    layer = QuantLinear.from_linear(make_linear(), QuantSpec(bits=8))
+    with pytest.raises(TypeError, match=r"already a QuantLinear \(int8 channel asym\)"):
+        QuantLinear.from_linear(layer, QuantSpec(bits=4, group_size=32))
+
+
+@pytest.mark.parametrize(
+    ("linear", "spec", "error", "match"),
+    [
+        ("fc", QuantSpec(), TypeError, "from_linear takes an nn.Linear, got str"),
+        (nn.Conv1d(4, 4, 1), QuantSpec(), TypeError, "got Conv1d"),
+        (nn.Linear(8, 4), "int4", TypeError, "spec must be a QuantSpec, got str"),
+        (nn.Linear(8, 4, device="meta"), QuantSpec(), ValueError, "meta device.*load real"),
+        (nn.Linear(8, 4, dtype=torch.float64), QuantSpec(), TypeError, "float32, float16"),
+    ],
+)
+def test_from_linear_refuses_bad_input(linear, spec, error, match):
+    with pytest.raises(error, match=match):
+        QuantLinear.from_linear(linear, spec)
+
+
+def test_from_linear_refuses_a_meta_bias():
+    linear = make_linear()
+    linear.bias = nn.Parameter(torch.empty(32, device="meta"))
+    with pytest.raises(ValueError, match="layer 'fc' is on the meta device"):
+        QuantLinear.from_linear(linear, QuantSpec(bits=8), name="layer 'fc'")
+
+
+def replace(qt, **changes):
+    fields = {
+        "packed": qt.packed,
+        "scale": qt.scale,
+        "zero": qt.zero,
+        "spec": qt.spec,
+        "shape": qt.shape,
+        "dtype": qt.dtype,
+        "signs": qt.signs,
+    }
+    return QuantizedTensor(**{**fields, **changes})
+
+
+ASYM = QuantSpec(bits=4, group_size=4)
+QT = quantize(torch.randn(4, 8), ASYM)
+SYM_QT = quantize(torch.randn(4, 8), QuantSpec(bits=4, symmetric=True))
+
+
+@pytest.mark.parametrize(
+    ("qt", "error", "match"),
+    [
+        ("weights", TypeError, "qt must be a QuantizedTensor, got str"),
+        (torch.randn(4, 8), TypeError, r"got Tensor \(quantize it first"),
+        (replace(QT, packed=QT.packed[:, :2]), ValueError, r"'packed' has shape \[4, 2\]"),
+        (replace(QT, scale=QT.scale.float()), ValueError, "'scale' has dtype torch.float32"),
+        (replace(QT, scale=QT.scale * float("inf")), ValueError, "'scale' contains NaN or Inf"),
+        (replace(QT, zero=None), ValueError, "missing its 'zero'"),
+        (replace(QT, packed=QT.packed.to(torch.int8)), ValueError, "'packed' must be uint8"),
+        (replace(SYM_QT, zero=QT.zero), ValueError, r"has \['zero'\] that its spec"),
+        (replace(QT, dtype=torch.int32), TypeError, "qt.dtype must be float32"),
+        (replace(QT, spec="int4"), TypeError, "qt.spec must be a QuantSpec"),
+        (replace(QT, scale=QT.scale.tolist()), TypeError, "qt.scale must be a tensor"),
+        (QT.to("meta"), ValueError, "meta device"),
+        (replace(QT, scale=QT.scale.to("meta")), ValueError, "several devices"),
+        (replace(QT, shape=torch.Size([4, 2, 4])), ValueError, "2-D weight"),
+    ],
+)
+def test_from_quantized_refuses_bad_tensors(qt, error, match):
+    with pytest.raises(error, match=match):
+        QuantLinear.from_quantized(qt)
+
+
+@pytest.mark.parametrize(
+    ("bias", "error", "match"),
+    [
+        ([0.0] * 4, TypeError, "bias must be a tensor or None, got list"),
+        (torch.zeros(4, dtype=torch.int32), TypeError, "bias must be float32, float16"),
+        (torch.zeros(4, dtype=torch.float64), TypeError, "bias must be float32, float16"),
+        (torch.zeros(5), ValueError, r"bias has shape \[5\], expected \[4\]"),
+        (torch.zeros(1, 4), ValueError, r"bias has shape \[1, 4\]"),
+        (torch.zeros(4, device="meta"), ValueError, "bias is on meta"),
+    ],
+)
+def test_from_quantized_refuses_bad_biases(bias, error, match):
+    with pytest.raises(error, match=match):
+        QuantLinear.from_quantized(QT, bias)
+
+
+def test_from_quantized_keeps_a_float_bias_of_another_dtype():
+    layer = QuantLinear.from_quantized(QT, torch.arange(4.0, dtype=torch.bfloat16))
+    assert layer.bias.dtype == torch.bfloat16
+    x = torch.randn(2, 8)
+    want = F.linear(x, QT.dequantize(), torch.arange(4.0))
+    assert torch.equal(layer(x), want)
+
+
+def test_kernel_and_cache_settings_are_checked():
+    with pytest.raises(TypeError, match="kernel must be a str"):
+        QuantLinear(8, 4, kernel=3)
+    layer = QuantLinear(8, 4)
+    with pytest.raises(TypeError, match="kernel must be a str"):
+        layer.kernel = None
+    with pytest.raises(ValueError, match="unknown kernel 'fastest'"):
+        layer.kernel = "fastest"
+    assert layer.kernel == "auto"
+    with pytest.raises(TypeError, match="cache_dequantized must be a bool"):
+        layer.cache_dequantized = "no"  # bool("no") would be True
+    assert layer.cache_dequantized is False
+    with pytest.raises(TypeError, match="kernal"):
+        QuantLinear.from_quantized(QT, kernal="dequantize")

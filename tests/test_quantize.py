@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 
@@ -295,12 +296,98 @@ def test_scales_that_overflow_the_scale_dtype():
     assert_within_half_step(w, qt)
 
 
-def test_scales_that_underflow_the_scale_dtype_stay_positive():
-    w = torch.tensor([[1e-30, -2e-30, 0.0, 3e-31]])
-    for symmetric in (True, False):
-        qt = quantize(w, QuantSpec(bits=4, symmetric=symmetric))
-        assert torch.all(qt.scale > 0)
-        assert_within_half_step(w, qt)
+@pytest.mark.parametrize("magnitude", [1e-10, 1e-20, 1e-30])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=4, grid="gaussian", symmetric=True),
+        QuantSpec(bits=4, grid="nf4", group_size=32),
+        QuantSpec(bits=4),
+        QuantSpec(bits=4, zero_point="float", group_size=32),
+        QuantSpec(bits=8, symmetric=True),
+    ],
+    ids=lambda s: s.label,
+)
+def test_scales_that_underflow_the_scale_dtype_are_an_error_not_an_amplification(
+    magnitude, spec
+):
+    # Before: float16 scales rounded up to the smallest subnormal, and grids without a zero
+    # level restored 1e-10 weights 26x too large (2.8e11x at 1e-20).
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * magnitude
+    with pytest.raises(ValueError, match="scale_dtype='float32'"):
+        quantize(w, spec)
+    qt = quantize(w, dataclasses.replace(spec, scale_dtype="float32"))
+    restored, w = qt.dequantize().double(), w.double()  # float32 norms underflow at 1e-30
+    assert (restored - w).norm() < 0.2 * w.norm()
+
+
+@pytest.mark.parametrize("grid", ["gaussian", "nf4", "int"])
+def test_a_few_underflowing_rows_are_stored_as_exact_zeros(grid):
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    w[3] *= 1e-12
+    w[7, :32] *= 1e-15
+    spec = QuantSpec(bits=4, grid=grid, group_size=32)
+    restored = quantize(w, spec).dequantize()
+    assert torch.all(restored[3] == 0) and torch.all(restored[7, :32] == 0)
+    # Each block's error is at most its norm: nothing is amplified.
+    blocks = (restored - w).reshape(-1, 32).norm(dim=1)
+    assert torch.all(blocks <= w.reshape(-1, 32).norm(dim=1) * (1 + 1e-6))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    # (Down to 1e-34: below, the float32 weights themselves are near subnormal.)
+    exponent=st.floats(-34, 0),
+    grid=st.sampled_from(["int", "gaussian", "nf4", "laplace-quantile"]),
+    scale_dtype=st.sampled_from(["float16", "bfloat16"]),
+    zero_point=st.sampled_from(["int", "float"]),
+)
+def test_no_block_error_exceeds_its_norm_at_any_magnitude(exponent, grid, scale_dtype, zero_point):
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(2)) * 10.0**exponent
+    spec = QuantSpec(bits=4, grid=grid, group_size=32, scale_dtype=scale_dtype)
+    if zero_point == "float":
+        spec = dataclasses.replace(spec, symmetric=False, zero_point="float")
+    try:
+        restored = quantize(w, spec).dequantize()
+    except ValueError as err:
+        assert "scale_dtype='float32'" in str(err)
+        return
+    restored, w = restored.double(), w.double()
+    errors = (restored - w).reshape(-1, 32).norm(dim=1)
+    assert torch.all(errors <= w.reshape(-1, 32).norm(dim=1) * 1.01)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=8, symmetric=True),
+        QuantSpec(bits=8, zero_point="float"),
+        QuantSpec(bits=8, fit="mse"),
+        QuantSpec(bits=4, grid="nf4"),
+    ],
+    ids=lambda s: s.label,
+)
+def test_dequantize_never_overflows_the_output_dtype(spec):
+    # The scale rounds up, so 127 steps reached past 65504: float16 inf before the clamp.
+    w = torch.tensor([[65504.0, -65504.0, 1.0, 0.0]], dtype=torch.float16)
+    restored = quantize(w, spec).dequantize()
+    assert torch.isfinite(restored).all()
+    assert restored[0, 0] > 60000 and restored[0, 1] < -60000
+    big = torch.tensor([[3.4e38, -3.4e38, 1.0, 0.0]])
+    restored = quantize(big, QuantSpec(bits=8, symmetric=True, scale_dtype="float32"))
+    assert torch.isfinite(restored.dequantize()).all()
+
+
+def test_a_finite_range_that_overflows_float32_is_not_called_nan():
+    w = torch.tensor([[3.4e38, -3.4e38, 1.0]])
+    with pytest.raises(ValueError, match="overflows float32") as info:
+        quantize(w, QuantSpec(bits=8, scale_dtype="float32"))
+    assert "NaN" not in str(info.value)
+
+
+def test_meta_tensors_are_refused_clearly():
+    with pytest.raises(ValueError, match="meta device"):
+        quantize(torch.empty(4, 8, device="meta"), QuantSpec(bits=8), name="layer.w")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

@@ -41,6 +41,26 @@ def test_defaults():
     assert spec.version == SPEC_VERSION
 
 
+def test_symmetry_defaults_to_the_grids_natural_choice():
+    # NF4 is symmetric by nature: no need to say so; int and float zero points are not.
+    assert QuantSpec(grid="nf4", bits=4, group_size=64).symmetric is True
+    assert QuantSpec(grid="nf4", bits=4, group_size=64).fit == "absmax"
+    assert QuantSpec(grid="gaussian", bits=3).symmetric is True
+    assert QuantSpec(grid="exponential", bits=3).symmetric is False  # one-sided codebook
+    assert QuantSpec(grid="nf4", bits=4, zero_point="float").symmetric is False
+    assert QuantSpec(bits=4).symmetric is False
+    assert QuantSpec(grid="not-registered").symmetric is False
+    # The resolved value is what the spec stores, so a saved spec reloads unchanged.
+    spec = QuantSpec(grid="nf4", bits=4)
+    assert spec.to_dict()["symmetric"] is True
+    assert QuantSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_symmetric_with_a_float_zero_point_is_a_conflict():
+    with pytest.raises(ValueError, match="symmetric=True conflicts with zero_point='float'"):
+        QuantSpec(bits=4, symmetric=True, zero_point="float")
+
+
 def test_derived_fields():
     assert QuantSpec(bits=4, group_size=64).granularity == "group"
     assert QuantSpec(symmetric=True).fit == "absmax"
@@ -57,6 +77,9 @@ def test_derived_fields():
         (QuantSpec(bits=2, granularity="tensor"), "int2 tensor asym"),
         (QuantSpec(bits=3, group_size=128, symmetric=True), "int3 g128 sym"),
         (QuantSpec(bits=4, fit="absmax"), "int4 channel asym"),
+        (QuantSpec(bits=4, grid="nf4", group_size=64), "nf4 g64 sym"),
+        (QuantSpec(bits=4, grid="fp4", zero_point="float", group_size=32), "fp4 g32 asym-f"),
+        (QuantSpec(bits=3, grid="gaussian", group_size=32), "gaussian3 g32 sym"),
     ],
 )
 def test_label(spec, label):
@@ -115,7 +138,7 @@ def test_bits_wrong_type(bits):
         QuantSpec(bits=bits)
 
 
-@pytest.mark.parametrize("group_size", [0, -64])
+@pytest.mark.parametrize("group_size", [0, -64, 2**31, 10**22])
 def test_group_size_out_of_range(group_size):
     with pytest.raises(ValueError, match="group_size"):
         QuantSpec(group_size=group_size)

@@ -91,7 +91,7 @@ def test_bad_zero_point_arguments():
     with pytest.raises(ValueError, match="'zero' contains NaN"):
         QuantizedTensor.from_state({**tensors, "zero": bad}, qt.metadata())
     with pytest.raises(ValueError, match="zero_point='float'"):
-        lowbit.quantize(torch.randn(4, 32), lowbit.QuantSpec(bits=4, grid="nf4"))
+        lowbit.quantize(torch.randn(4, 32), lowbit.QuantSpec(bits=4, grid="nf4", symmetric=False))
 
 
 @pytest.mark.parametrize("offset", [1.0, 10.0, -300.0])

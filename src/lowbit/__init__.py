@@ -7,7 +7,7 @@
 """
 
 from lowbit.io import load, save
-from lowbit.model import quantize_model
+from lowbit.model import check_rules, quantize_model
 from lowbit.nn import QuantLinear, release_workspaces
 from lowbit.quantize import quantize
 from lowbit.report import LayerReport, Report
@@ -22,6 +22,7 @@ __all__ = [
     "QuantSpec",
     "QuantizedTensor",
     "Report",
+    "check_rules",
     "load",
     "quantize",
     "quantize_model",

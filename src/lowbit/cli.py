@@ -43,8 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="int",
         help="value grid: int (default), nf4, fp4, a distribution codebook (gaussian, logistic, "
         "laplace, gumbel, exponential, or <family>-quantile), or 'best' to try int and every "
-        "codebook of that width per layer and keep the smallest error. Codebooks imply "
-        "--symmetric.",
+        "codebook of that width per layer and keep one (see --choose). Two-sided codebooks "
+        "are symmetric unless --zero-point float.",
+    )
+    q.add_argument(
+        "--choose",
+        choices=("error", "size_adjusted"),
+        default="error",
+        help="with --grid best: keep the smallest error (default; candidates may differ in "
+        "size, and the report says so) or the smallest error x 2^bits/weight, which compares "
+        "candidates at equal size",
     )
     q.add_argument(
         "--fit",
@@ -153,7 +161,7 @@ def cmd_quantize(args) -> int:
     from lowbit.io.checkpoint import check_save_target
     from lowbit.io.hf import load_pretrained, save_quantized
     from lowbit.io.outputs import check_output_file, write_json
-    from lowbit.model import quantize_model
+    from lowbit.model import check_rules, quantize_model
     from lowbit.models import resolve_model
 
     # Everything that can be checked without the model is checked before loading it.
@@ -173,7 +181,10 @@ def cmd_quantize(args) -> int:
         )
     exclude = DEFAULT_EXCLUDE if args.exclude is None else args.exclude
     rules = {"*": specs} if len(specs) > 1 else spec
-    _check_patterns(rules, exclude)
+    try:
+        check_rules(rules, exclude)
+    except ValueError as err:
+        raise ValueError(f"--exclude: {err}") from None
     source = resolve_model(args.model)
     if args.out:
         out = Path(args.out).resolve()
@@ -205,11 +216,12 @@ def cmd_quantize(args) -> int:
         quantize_tied=args.quantize_tied,
         importance=importance,
         progress=None,
+        choose=args.choose,
+        # The default exclude is a default: an encoder has no head to keep.
+        quiet_patterns=DEFAULT_EXCLUDE if args.exclude is None else (),
     )
     print(report.table(None if args.table else 8))
     for warning in report.warnings:
-        if args.exclude is None and "'lm_head' matched no layer" in warning:
-            continue  # the default exclude is a default: an encoder has no head to keep
         print(f"warning: {warning}", file=sys.stderr)
     if not report.quantized:
         raise ValueError(
@@ -229,21 +241,6 @@ def cmd_quantize(args) -> int:
         write_json(args.json, "quantize-report", report.to_dict())
         print(f"report written to {args.json}")
     return 0
-
-
-def _check_patterns(rules, exclude) -> None:
-    """Rule and exclude patterns checked before the model is loaded (a bad ``re:`` pattern
-    must not cost a model load)."""
-    import re
-
-    for pattern in [*(rules if isinstance(rules, dict) else {}), *exclude]:
-        if isinstance(pattern, str) and pattern.startswith("re:"):
-            try:
-                re.compile(pattern[3:])
-            except re.error as err:
-                raise ValueError(
-                    f"--exclude pattern {pattern!r} is not a valid regex: {err}"
-                ) from None
 
 
 def cli_specs(args) -> list[QuantSpec]:
@@ -275,7 +272,9 @@ def cli_specs(args) -> list[QuantSpec]:
         get_grid(grid).check_spec(spec)
         fit_options(spec)  # unknown fit or option: fail before loading the model
         # Option values out of range too: one tiny block runs every check of the fit.
-        quantize(torch.linspace(-1.0, 1.0, spec.group_size or 8)[None], spec, name="--fit-option")
+        # (At most 256 weights: a group larger than the row is one group per row anyway.)
+        sample = torch.linspace(-1.0, 1.0, min(spec.group_size or 8, 256))[None]
+        quantize(sample, spec, name="--fit-option")
         return spec
 
     float_zero = args.zero_point == "float"

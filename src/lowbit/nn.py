@@ -31,7 +31,8 @@ class QuantLinear(nn.Module):
         in_features, out_features, bias: as `nn.Linear`.
         spec: the weight's `QuantSpec`.
         dtype: dtype of the original weight (what ``dequantize_weight`` returns) and of the bias.
-        device: where the (empty) buffers are created.
+        device: where the (empty) buffers are created; ``"meta"`` gives a skeleton to load a
+            state dict into with ``assign=True`` (what `lowbit.io` does).
         kernel: ``"auto"`` (registry's choice), ``"dequantize"`` (never a packed kernel) or a
             registered kernel name.
         cache_dequantized: keep the dequantized weight between calls of the fallback path
@@ -63,8 +64,7 @@ class QuantLinear(nn.Module):
         if dtype not in FLOAT_DTYPES.values():
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         get_grid(spec.grid).check_spec(spec)
-        if kernel not in ("auto", "dequantize"):
-            get_kernel(kernel)
+        _check_kernel_name(kernel)
         self.in_features = in_features
         self.out_features = out_features
         self.spec = spec
@@ -95,12 +95,43 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, spec: QuantSpec, *, name: str = "weight", **kwargs
+        cls,
+        linear: nn.Linear,
+        spec: QuantSpec,
+        *,
+        name: str = "weight",
+        kernel: str = "auto",
+        cache_dequantized: bool = False,
     ) -> QuantLinear:
-        """Quantize ``linear.weight`` with ``spec``; the bias is kept as is."""
+        """Quantize ``linear.weight`` (float32/float16/bfloat16 ``[out, in]``) with ``spec``.
+
+        The bias (``[out]``) is copied as is, as trainable as before. ``name`` is how errors
+        refer to the layer. A `QuantLinear` is refused rather than quantized again: its weight
+        already carries rounding error, and a second rounding would add to it.
+
+        Raises:
+            TypeError: ``linear`` is not an `nn.Linear` (a `QuantLinear`, say), ``spec`` not a
+                `QuantSpec`, or the weight not float32/float16/bfloat16.
+            ValueError: the weight is on the meta device or holds NaN/Inf, or ``spec`` does
+                not fit its grid.
+        """
+        if isinstance(linear, QuantLinear):
+            raise TypeError(
+                f"{name} is already a QuantLinear ({linear.spec.label}): quantizing it again "
+                "would compound the rounding error; quantize the original float layer instead"
+            )
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(
+                f"from_linear takes an nn.Linear, got {type(linear).__name__}"
+                + (" (quantize_model handles Conv1D)" if type(linear).__name__ == "Conv1D" else "")
+            )
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+        if linear.weight.is_meta or (linear.bias is not None and linear.bias.is_meta):
+            raise ValueError(f"{name} is on the meta device (no data): load real weights first")
         qt = quantize(linear.weight.detach(), spec, name=name)
         bias = None if linear.bias is None else linear.bias.detach()
-        layer = cls.from_quantized(qt, bias, **kwargs)
+        layer = cls.from_quantized(qt, bias, kernel=kernel, cache_dequantized=cache_dequantized)
         if linear.bias is not None:
             # As trainable as before (and as a freshly built or loaded QuantLinear).
             layer.bias.requires_grad_(linear.bias.requires_grad)
@@ -108,14 +139,39 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(
-        cls, qt: QuantizedTensor, bias: torch.Tensor | None = None, **kwargs
+        cls,
+        qt: QuantizedTensor,
+        bias: torch.Tensor | None = None,
+        *,
+        kernel: str = "auto",
+        cache_dequantized: bool = False,
     ) -> QuantLinear:
-        """Wrap an existing 2-D `QuantizedTensor` ``[out, in]`` and an optional bias ``[out]``."""
-        if len(qt.shape) != 2:
-            raise ValueError(f"QuantLinear needs a 2-D weight, got shape {list(qt.shape)}")
+        """Wrap a 2-D `QuantizedTensor` ``[out, in]`` and an optional float bias ``[out]``.
+
+        The layer shares ``qt``'s tensors (no copy) and copies the bias.
+
+        Raises:
+            TypeError: ``qt`` is not a `QuantizedTensor`, ``bias`` not a float32/float16/
+                bfloat16 tensor.
+            ValueError: ``qt`` is not 2-D, its tensors do not match its spec and shape (shape,
+                dtype, non-finite scales, a zero point or signs the spec does not have), sit on
+                different devices or on the meta device; ``bias`` has the wrong shape or sits
+                on another device than ``qt``.
+        """
+        _check_quantized(qt)
         out_features, in_features = qt.shape
-        if bias is not None and tuple(bias.shape) != (out_features,):
-            raise ValueError(f"bias has shape {list(bias.shape)}, expected [{out_features}]")
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor):
+                raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
+            if bias.dtype not in FLOAT_DTYPES.values():
+                raise TypeError(f"bias must be float32, float16 or bfloat16, got {bias.dtype}")
+            if tuple(bias.shape) != (out_features,):
+                raise ValueError(f"bias has shape {list(bias.shape)}, expected [{out_features}]")
+            if bias.device != qt.device:
+                raise ValueError(
+                    f"bias is on {bias.device} ({'no data' if bias.is_meta else 'data'}), the "
+                    f"quantized weight on {qt.device}: put both on one device"
+                )
         layer = cls(
             in_features,
             out_features,
@@ -123,7 +179,8 @@ class QuantLinear(nn.Module):
             qt.spec,
             dtype=qt.dtype,
             device="meta",
-            **kwargs,
+            kernel=kernel,
+            cache_dequantized=cache_dequantized,
         )
         layer.packed, layer.scale, layer.zero, layer.signs = qt.packed, qt.scale, qt.zero, qt.signs
         if bias is not None:
@@ -137,8 +194,7 @@ class QuantLinear(nn.Module):
 
     @kernel.setter
     def kernel(self, name: str) -> None:
-        if name not in ("auto", "dequantize"):
-            get_kernel(name)
+        _check_kernel_name(name)
         self._kernel = name
         self._reset_caches()
 
@@ -149,7 +205,9 @@ class QuantLinear(nn.Module):
 
     @cache_dequantized.setter
     def cache_dequantized(self, keep: bool) -> None:
-        self._cache_dequantized = bool(keep)
+        if not isinstance(keep, bool):
+            raise TypeError(f"cache_dequantized must be a bool, got {keep!r}")
+        self._cache_dequantized = keep
         if not keep:
             self._dequantized = None
 
@@ -274,6 +332,50 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, spec={self.spec.label!r}"
         )
+
+
+def _check_kernel_name(kernel: str) -> None:
+    if not isinstance(kernel, str):
+        raise TypeError(
+            f"kernel must be a str ('auto', 'dequantize' or a kernel name), got {kernel!r}"
+        )
+    if kernel not in ("auto", "dequantize"):
+        get_kernel(kernel)
+
+
+def _check_quantized(qt: QuantizedTensor) -> None:
+    """Refuse a `QuantizedTensor` a layer cannot be built on, before it is wrapped."""
+    if not isinstance(qt, QuantizedTensor):
+        hint = " (quantize it first: lowbit.quantize(tensor, spec))"
+        raise TypeError(
+            f"qt must be a QuantizedTensor, got {type(qt).__name__}"
+            + (hint if isinstance(qt, torch.Tensor) else "")
+        )
+    if not isinstance(qt.spec, QuantSpec):
+        raise TypeError(f"qt.spec must be a QuantSpec, got {type(qt.spec).__name__}")
+    if len(qt.shape) != 2:
+        raise ValueError(f"QuantLinear needs a 2-D weight, got shape {list(qt.shape)}")
+    if qt.dtype not in FLOAT_DTYPES.values():
+        raise TypeError(f"qt.dtype must be float32, float16 or bfloat16, got {qt.dtype}")
+    tensors = {"packed": qt.packed, "scale": qt.scale, "zero": qt.zero, "signs": qt.signs}
+    present = {k: v for k, v in tensors.items() if v is not None}
+    for key, value in present.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"qt.{key} must be a tensor, got {type(value).__name__}")
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        raise ValueError(f"qt's tensors are on several devices: {sorted(map(str, devices))}")
+    if qt.packed.is_meta:
+        raise ValueError("qt is on the meta device (no data): load real tensors first")
+    expected = BlockLayout.of(qt.shape, qt.spec).expected_shapes(qt.spec)
+    extra = sorted(set(present) - set(expected))
+    if extra:
+        # dequantize would use them: a symmetric spec with a zero point restores wrong values.
+        raise ValueError(f"qt has {extra} that its spec ({qt.spec.label}) does not store")
+    try:
+        QuantizedTensor.from_state(present, qt.metadata())
+    except ValueError as err:
+        raise ValueError(f"qt does not match its spec and shape: {err}") from None
 
 
 class _KernelMatmul(torch.autograd.Function):

@@ -42,9 +42,11 @@ def quantize(
     Raises:
         TypeError: ``tensor`` is not a floating-point tensor of a supported dtype, or ``spec``
             is not a `QuantSpec`.
-        ValueError: NaN/Inf in ``tensor``, bits out of the grid's range, or scales that overflow
-            ``spec.scale_dtype``. (A group size that does not divide the row is fine: the last
-            group of each row is partial.)
+        ValueError: NaN/Inf in ``tensor``, a meta tensor, bits out of the grid's range, a range
+            that overflows float32, or scales that overflow or underflow ``spec.scale_dtype``
+            (blocks whose scale underflows are stored as exact zeros when they hold no more than
+            ``UNDERFLOW_TOLERANCE`` of the tensor's energy). A group size that does not divide
+            the row is fine: the last group of each row is partial.
     """
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
@@ -52,6 +54,11 @@ def quantize(
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype not in FLOAT_DTYPES.values():
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}")
+    if tensor.is_meta:
+        raise ValueError(
+            f"{name} is on the meta device (it has a shape but no values): load the weights "
+            "before quantizing"
+        )
     # Quantized values carry no gradient: never keep the caller's autograd graph alive.
     tensor = tensor.detach()
     grid = get_grid(spec.grid)
@@ -79,12 +86,13 @@ def quantize(
     # Zero points in code units (what encoding uses) and as they will be stored.
     zero_codes = torch.zeros(shapes["scale"], dtype=torch.float32, device=device)
     zero_stored = torch.zeros(shapes["scale"], dtype=torch.float32, device=device)
+    lost = []  # energy (float64) of blocks whose scale underflowed, see _fit_blocks
     if matrix.numel():
         if spec.granularity == "tensor":
             # Fits work on float32 blocks: fp16 ranges overflow and bf16 scales are too coarse.
             blocks = matrix.reshape(1, -1).to(torch.float32)
             w = None if weights is None else weights.reshape(1, -1)
-            scale[:], zero, kept = _fit_blocks(blocks, grid, fit, spec, scale_dtype, name, w)
+            scale[:], zero, kept = _fit_blocks(blocks, grid, fit, spec, scale_dtype, name, w, lost)
             zero_codes[:] = zero
             if kept is not None:
                 zero_stored[:] = kept
@@ -95,7 +103,7 @@ def quantize(
                 rows = _complete_groups(matrix[r0:r1], layout)
                 blocks = rows.to(torch.float32).reshape(-1, layout.group_len)
                 w = _group_weights(weights, r0, r1, layout, device)
-                s, z, kept = _fit_blocks(blocks, grid, fit, spec, scale_dtype, name, w)
+                s, z, kept = _fit_blocks(blocks, grid, fit, spec, scale_dtype, name, w, lost)
                 scale[r0:r1] = s.view(r1 - r0, layout.groups)
                 zero_codes[r0:r1] = z.view(r1 - r0, layout.groups)
                 if kept is not None:
@@ -103,6 +111,8 @@ def quantize(
                 packed[r0:r1] = _encode_rows(
                     rows, scale[r0:r1], zero_codes[r0:r1], layout, grid, spec
                 )
+    if lost:
+        _check_underflow(sum(lost), tensor, spec, name)
     if spec.symmetric:
         zero = None
     elif spec.zero_point == "float":
@@ -174,17 +184,30 @@ def _row_chunks(layout: BlockLayout, device: torch.device):
         yield r0, min(layout.rows, r0 + step)
 
 
-def _fit_blocks(blocks, grid, fit, spec, scale_dtype, name, weights=None):
+# A tensor may lose at most this fraction of its energy (sum of squares) to blocks stored as
+# zeros because their scale underflowed: a dead row of 1e-12 in a real layer is fine, a whole
+# tensor of 1e-10 weights in float16 scales is not.
+UNDERFLOW_TOLERANCE = 1e-6
+
+
+def _fit_blocks(blocks, grid, fit, spec, scale_dtype, name, weights=None, lost=None):
     """Run the fit on float32 ``blocks [B, n]`` and round its result for storage.
 
     Returns (stored scale [B] in ``scale_dtype``, zero [B] float32 in code units as dequantization
-    will see it, stored zero [B] or None); see `lowbit.storage.stored_params`.
+    will see it, stored zero [B] or None); see `lowbit.storage.stored_params`. The energy of
+    blocks stored as zeros because their scale underflowed is appended to ``lost``.
     """
     # Fits propagate NaN/Inf of a block into its scale (their reductions do), so checking the
     # scales catches bad weights without another pass over the data.
     scale, zero = fit(blocks, grid, spec, weights=weights)
     if not (torch.isfinite(scale).all() and (zero is None or torch.isfinite(zero).all())):
-        raise ValueError(f"{name} contains NaN or Inf; clean the weights before quantizing")
+        if not torch.isfinite(blocks).all():
+            raise ValueError(f"{name} contains NaN or Inf; clean the weights before quantizing")
+        low, high = blocks.min().item(), blocks.max().item()
+        raise ValueError(
+            f"{name}: its values span {low:.4g} to {high:.4g}, a range that overflows float32 "
+            "in the scale fit (no scale dtype can store it); rescale the weights"
+        )
     vmin, vmax = grid.value_range(spec.bits)
     stored, zero_codes, kept = stored_params(
         scale, zero, vmin, vmax, grid.center(spec.bits), spec, scale_dtype
@@ -193,7 +216,24 @@ def _fit_blocks(blocks, grid, fit, spec, scale_dtype, name, weights=None):
         raise ValueError(f"{name}: offsets overflow {spec.scale_dtype}; use scale_dtype='float32'")
     if not torch.isfinite(stored).all():
         raise ValueError(f"{name}: scales overflow {spec.scale_dtype}; use scale_dtype='float32'")
+    if lost is not None:
+        zeroed = (stored == 0) & (scale > 0)
+        if zeroed.any():
+            lost.append(blocks[zeroed].to(torch.float64).square().sum().item())
     return stored, zero_codes, kept
+
+
+def _check_underflow(lost: float, tensor: torch.Tensor, spec: QuantSpec, name: str) -> None:
+    """Refuse a tensor whose blocks stored as zeros (scale underflow) held more than
+    ``UNDERFLOW_TOLERANCE`` of its energy."""
+    total = tensor.to(torch.float64).square().sum().item()
+    if lost > UNDERFLOW_TOLERANCE * total:
+        largest = tensor.abs().max().item()
+        raise ValueError(
+            f"{name}: weights this small (largest |w| {largest:.3g}) need scales below what "
+            f"{spec.scale_dtype} can store; they would be restored as zeros "
+            f"({lost / total:.1%} of the tensor's energy); use scale_dtype='float32'"
+        )
 
 
 def _encode_rows(rows, scale, zero_codes, layout, grid, spec):

@@ -21,6 +21,16 @@ class LayerReport:
     config: dict | None = None  # the full QuantSpec.to_dict() of the layer
     # Entropy of the codes, bits/weight: their size after ideal entropy coding (<= spec bits).
     code_entropy: float | None = None
+    # With several candidate specs: why this one was kept, and every candidate's figures
+    # ({"spec", "bits_per_weight", "rel_error", "weighted_error"}).
+    choice: str | None = None
+    candidates: list[dict] | None = None
+
+    @property
+    def mixed_sizes(self) -> bool:
+        """Whether this layer's candidate specs differed in stored bits/weight."""
+        sizes = {round(c["bits_per_weight"], 9) for c in self.candidates or ()}
+        return len(sizes) > 1
 
 
 @dataclass
@@ -77,25 +87,36 @@ class Report:
         """JSON-able dict with per-layer rows and totals."""
         return {
             "layers": [_finite(asdict(r)) for r in self.layers],
-            "totals": {
-                "layers_quantized": len(self.quantized),
-                "layers_skipped": len(self.skipped),
-                "parameters": self.parameters,
-                "bytes_before": self.bytes_before,
-                "bytes_after": self.bytes_after,
-                "avg_bits_per_weight": self.avg_bits_per_weight,
-                "avg_code_entropy": self.avg_code_entropy,
-                "mean_rel_error": self.mean_rel_error,
-                "seconds": self.seconds,
-            },
+            "totals": _finite(
+                {
+                    "layers_quantized": len(self.quantized),
+                    "layers_skipped": len(self.skipped),
+                    "parameters": self.parameters,
+                    "bytes_before": self.bytes_before,
+                    "bytes_after": self.bytes_after,
+                    "avg_bits_per_weight": self.avg_bits_per_weight,
+                    "avg_code_entropy": self.avg_code_entropy,
+                    "mean_rel_error": self.mean_rel_error,
+                    "seconds": self.seconds,
+                }
+            ),
+            "warnings": list(self.warnings),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
         """``to_dict()`` as strict JSON text."""
-        return json.dumps(self.to_dict(), indent=indent)
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def table(self, max_rows: int | None = None) -> str:
-        """Per-layer table (worst relative error first when ``max_rows`` cuts it) + totals."""
+        """Per-layer table (worst relative error first when ``max_rows`` cuts it) + totals.
+
+        A ``*`` after a spec marks a layer whose candidate specs differed in size (see its
+        ``choice``).
+        """
+        if max_rows is not None and (
+            isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0
+        ):
+            raise ValueError(f"max_rows must be None or an int >= 0, got {max_rows!r}")
         rows = self.layers
         note = ""
         if max_rows is not None and len(rows) > max_rows:
@@ -116,10 +137,13 @@ class Report:
                     f"{r.bits_per_weight:>6.2f}"
                 )
                 continue
+            spec = r.spec + ("*" if r.mixed_sizes else "")
             lines.append(
-                f"{r.name:<{width}}  {shape:>11}  {r.spec:<16} {r.bits_per_weight:>6.3f}  "
+                f"{r.name:<{width}}  {shape:>11}  {spec:<16} {r.bits_per_weight:>6.3f}  "
                 f"{r.rel_error:>8.5f}  {r.sqnr_db:>7.2f}  {_entropy_cell(r):>6}"
             )
+        if any(r.mixed_sizes for r in rows):
+            note += "  * chosen among candidate specs of different sizes (see the warnings)\n"
         return "\n".join(lines) + "\n" + note + self.summary()
 
     def summary(self) -> str:
@@ -144,11 +168,15 @@ class Report:
         return self.table()
 
 
-def _finite(row: dict) -> dict:
-    """JSON has no Infinity: an exact layer's SQNR (and similar) become None."""
-    return {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()
-    }
+def _finite(value):
+    """JSON has no Infinity: an exact layer's SQNR (and similar, at any depth) become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _entropy_cell(row: LayerReport) -> str:

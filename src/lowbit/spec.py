@@ -11,6 +11,9 @@ GRANULARITIES = ("tensor", "channel", "group")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 ROTATIONS = (None, "hadamard")
 ZERO_POINTS = ("int", "float")
+# Blocks are indexed with int64 and allocated whole: a bound well past any real row length, so
+# that an absurd value is a clear error here rather than an overflow deep inside torch.
+MAX_GROUP_SIZE = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,10 @@ class QuantSpec:
         granularity: ``"tensor"`` (one scale), ``"channel"`` (one per output row, the default
             without ``group_size``) or ``"group"``.
         symmetric: ``True`` stores only a scale (zero fixed at the grid's centre, absmax fit);
-            ``False`` stores an integer zero point per block too (min/max fit).
+            ``False`` stores a zero point per block too (min/max fit). ``None`` (the default)
+            takes the grid's natural choice: symmetric for two-sided codebooks (``nf4``,
+            ``fp4``, ``gaussian``, ...), asymmetric for ``int``, one-sided codebooks and any
+            spec with ``zero_point="float"``. The resolved bool is what the spec stores.
         grid: name of a registered grid (``lowbit.grids.available_grids()``).
         fit: name of a registered scale search (``lowbit.fit.available_fits()``: ``minmax``,
             ``absmax``, ``mse``, ``hqq``, ``entropy``, ``percentile``); ``None`` means
@@ -52,7 +58,7 @@ class QuantSpec:
     bits: int = 8
     group_size: int | None = None
     granularity: str | None = None
-    symmetric: bool = False
+    symmetric: bool | None = None
     grid: str = "int"
     fit: str | None = None
     fit_options: tuple[tuple[str, object], ...] | dict | None = None
@@ -72,8 +78,10 @@ class QuantSpec:
                 raise TypeError(
                     f"QuantSpec.group_size must be an int or None, got {self.group_size!r}"
                 )
-            if self.group_size < 1:
-                raise ValueError(f"QuantSpec.group_size must be >= 1, got {self.group_size}")
+            if not 1 <= self.group_size <= MAX_GROUP_SIZE:
+                raise ValueError(
+                    f"QuantSpec.group_size must be in 1..{MAX_GROUP_SIZE}, got {self.group_size}"
+                )
         granularity = self.granularity
         if granularity is None:
             granularity = "channel" if self.group_size is None else "group"
@@ -88,10 +96,21 @@ class QuantSpec:
             raise ValueError(
                 f"QuantSpec.group_size={self.group_size} conflicts with granularity={granularity!r}"
             )
-        if not isinstance(self.symmetric, bool):
-            raise TypeError(f"QuantSpec.symmetric must be a bool, got {self.symmetric!r}")
         if not isinstance(self.grid, str) or not self.grid:
             raise TypeError(f"QuantSpec.grid must be a grid name, got {self.grid!r}")
+        if self.zero_point not in ZERO_POINTS:
+            raise ValueError(
+                f"QuantSpec.zero_point must be one of {ZERO_POINTS}, got {self.zero_point!r}"
+            )
+        if self.symmetric is None:
+            object.__setattr__(self, "symmetric", _natural_symmetry(self))
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"QuantSpec.symmetric must be a bool or None, got {self.symmetric!r}")
+        if self.symmetric and self.zero_point == "float":
+            raise ValueError(
+                "QuantSpec.symmetric=True conflicts with zero_point='float': a symmetric spec "
+                "stores no zero point; drop one of the two"
+            )
         if self.fit is None:
             object.__setattr__(self, "fit", "absmax" if self.symmetric else "minmax")
         elif not isinstance(self.fit, str):
@@ -100,10 +119,6 @@ class QuantSpec:
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(
                 f"QuantSpec.scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}"
-            )
-        if self.zero_point not in ZERO_POINTS:
-            raise ValueError(
-                f"QuantSpec.zero_point must be one of {ZERO_POINTS}, got {self.zero_point!r}"
             )
         if self.rotation not in ROTATIONS:
             raise ValueError(
@@ -123,12 +138,12 @@ class QuantSpec:
 
     @property
     def label(self) -> str:
-        """Short human name, e.g. ``int4 g64 asym`` or ``int8 channel sym``."""
+        """Short human name, e.g. ``int4 g64 asym``, ``int8 channel sym``, ``nf4 g64 sym``."""
         layout = f"g{self.group_size}" if self.granularity == "group" else self.granularity
         kind = "sym" if self.symmetric else "asym" + ("-f" if self.zero_point == "float" else "")
         extra = "" if self.fit in ("absmax", "minmax") else f" {self.fit}"
         extra += " rot" if self.rotation else ""
-        return f"{self.grid}{self.bits} {layout} {kind}{extra}"
+        return f"{_grid_label(self.grid, self.bits)} {layout} {kind}{extra}"
 
     @property
     def options(self) -> dict:
@@ -151,6 +166,35 @@ class QuantSpec:
         if unknown:
             raise ValueError(f"QuantSpec.from_dict: unknown keys {sorted(unknown)}")
         return cls(**data)
+
+
+def _grid_label(grid: str, bits: int) -> str:
+    """``int`` at 4 bits -> ``int4``; a name that already ends in its width (``nf4``, ``fp4``)
+    stays as it is, and any other name ending in a digit gets the width apart (``x2 3-bit``)."""
+    if not grid[-1].isdigit():
+        return f"{grid}{bits}"
+    if grid.endswith(str(bits)) and not grid[-len(str(bits)) - 1 : -len(str(bits))].isdigit():
+        return grid
+    return f"{grid} {bits}-bit"
+
+
+def _natural_symmetry(spec: QuantSpec) -> bool:
+    """What ``symmetric=None`` means for ``spec``'s grid (see `QuantSpec`)."""
+    if spec.zero_point == "float":
+        return False
+    # Imported here: the grids import this module. An unknown grid name is reported by
+    # `lowbit.grids.get_grid` when the spec is used, with the list of registered ones.
+    from lowbit.grids import get_grid
+
+    try:
+        grid = get_grid(spec.grid)
+    except ValueError:
+        return False
+    two_sided = getattr(grid, "two_sided", None)
+    try:
+        return bool(two_sided is not None and two_sided(spec.bits))
+    except ValueError:  # bits out of the grid's range: the grid's check says so, by name
+        return False
 
 
 def _normalize_options(options) -> tuple[tuple[str, object], ...] | None:

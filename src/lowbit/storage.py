@@ -32,25 +32,49 @@ def stored_params(
     stay non-finite; callers check.
     """
     zero_point = spec if isinstance(spec, str) else spec.zero_point
+    fitted = scale
+    reach = None
     offset = None
     if zero is not None and zero_point == "float":
         # Store the range's low end rounded *down*, then widen the scale to still reach the
         # high end: every weight stays within half a step after both roundings.
         low_end = (vmin - zero) * scale
         high_end = (vmax - zero) * scale
+        reach = torch.maximum(low_end.abs(), high_end.abs())
         offset = round_down(low_end, scale_dtype)
         scale = torch.where(scale > 0, (high_end - offset.float()) / (vmax - vmin), scale)
     stored = round_up(scale, scale_dtype)
-    # A scale that underflows to 0 would make the block's codes meaningless; a fitted 0 (an
-    # all-zero block) stays 0 and restores exact zeros whatever the grid's levels.
-    tiny = torch.finfo(scale_dtype).tiny
-    stored = torch.where((stored == 0) & (scale > 0), torch.full_like(stored, tiny), stored)
+    # Below the format's subnormals a scale rounds up to many times itself, and a grid without
+    # a zero level would restore such a block amplified (1e-10 weights as 1e-8). Those blocks
+    # are stored with scale 0, which restores exact zeros on every grid, like an all-zero block
+    # (a fitted 0): an error of at most the block's norm. `lowbit.quantize` refuses a tensor
+    # that would lose more than a trace of its energy this way (see `underflowed`).
+    # (Judged against the fitted scale: a float zero's offset rounded away from a tiny range
+    # widens the scale to match, which must not hide the underflow.)
+    lost = underflowed(fitted, stored)
+    if reach is not None:
+        # A block far from 0 next to its spread legitimately widens its scale past twice the
+        # fitted one (its offset's rounding step): it underflows only if the widened steps
+        # are coarser than the block's own values.
+        lost = lost & (stored.to(torch.float32) * (vmax - vmin) > reach)
+    stored = torch.where(lost, torch.zeros_like(stored), stored)
+    if offset is not None:
+        offset = torch.where(stored == 0, torch.zeros_like(offset), offset)
     if zero is None:
         return stored, torch.full_like(stored, center, dtype=torch.float32), None
     if offset is not None:
         return stored, float_zero(offset, stored, vmin), offset
     zero = zero.round().clamp_(vmin, vmax)
     return stored, zero, zero
+
+
+def underflowed(scale: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """Bool mask of blocks whose fitted ``scale`` (float32) the storage dtype cannot hold:
+    ``stored`` (rounded up) is more than twice it, which happens only below the normal range
+    (in float16 below about 3e-8)."""
+    # Only below the normal range: elsewhere the rounding is relative (and an overflow to inf
+    # is reported as such by the caller).
+    return (scale < torch.finfo(stored.dtype).tiny) & (stored.to(torch.float32) > 2 * scale)
 
 
 def float_zero(offset: torch.Tensor, scale: torch.Tensor, vmin: float) -> torch.Tensor:

@@ -200,14 +200,20 @@ class QuantizedTensor:
             )
         if self.numel() == 0:
             return out.zero_()
+        # Values past the output dtype's range (a float16 weight of 65504 whose scale rounded
+        # up) are clamped to it, never turned into inf.
+        limit = torch.finfo(out_dtype).max
         if self.signs is not None and not rotated:
             restored = self.dequantize(torch.float32, rotated=True).view(lay.rows, lay.cols)
             restored = unrotate(restored, unpack_signs(self.signs, lay.cols))
-            return out.copy_(restored.view(self.shape))
+            return out.copy_(restored.view(self.shape).clamp_(-limit, limit))
         grid = get_grid(self.spec.grid)
         bits = self.spec.bits
         zero = self.zero_points().unsqueeze(-1)
         scale = self.scale.to(torch.float32).unsqueeze(-1)
+        vmin, vmax = grid.value_range(bits)
+        reach = scale.abs() * torch.maximum((vmax - zero).abs(), (vmin - zero).abs())
+        clamp = bool(reach.max() >= limit)
         per_row = lay.scale_rows == lay.rows
         # A ragged last group is completed with zeros, restored, and cropped again.
         target = None if lay.ragged else out.view(lay.rows, lay.groups, lay.group_len)
@@ -234,6 +240,8 @@ class QuantizedTensor:
                 values.sub_(zero[r0:r1]).mul_(scale[r0:r1])
             else:
                 values.sub_(zero).mul_(scale)
+            if clamp:
+                values.clamp_(-limit, limit)
             if target is None:
                 flat[r0:r1].copy_(values.view(r1 - r0, lay.padded_cols)[:, : lay.cols])
             else:

@@ -4,10 +4,11 @@
 ``dequantize(q, **info)`` have distquant's meaning: the data are standardised with moments
 matched to ``dist``, mapped to ``u`` in [0, 1] by the family's CDF (``*_cdf`` names) or by its
 mean-absolute-error-optimal compander (plain names, see ``lowbit.distributions``), and coded as
-``floor(n * u)``; code ``c`` decodes to the inverse map at ``(c + 0.5) / n``. Codes are computed
-with distquant's own floating-point steps, so at a given ``beta`` they equal distquant's codes
-bit for bit; packed words use distquant's int64 layout, so each library decodes the other's
-output.
+``floor(n * u)``; code ``c`` decodes to the inverse map at ``(c + 0.5) / n``. Codes and decoded
+values are computed with distquant's own float32 steps and torch objects, so at a given ``beta``
+the codes equal distquant's bit for bit and every code decodes to exactly distquant's float32
+value (one documented exception below); packed words use distquant's int64 layout, so each
+library decodes the other's output.
 
 What is faster: distquant evaluates every ``beta`` of its grid (and, for ``dist=None``, every
 family) with a full encode + decode pass over the data, ~330 passes. Here the data are sorted
@@ -25,6 +26,9 @@ Fixed faults of distquant 0.1.0 (the API is unchanged):
   those candidates count with their real error, so the search can only do as well or better;
 * its ``dequantize`` shifted the packed input in place (the caller's tensor was destroyed);
   here inputs are never modified;
+* with an odd ``n`` its ``logistic`` middle level was ``loc + 2 log(tan(pi / 4)) * beta * scale``,
+  off ``loc`` by a float32 rounding of ``tan``; here it is exactly ``loc`` (as it already was for
+  the other symmetric dists), so ``zero`` is representable. Every other level is distquant's;
 * bfloat16 / float16 input was encoded in that precision (the CDF rounds to 1.0 early: NaN);
   here it is encoded in float32;
 * constant, all-zero and single-element tensors (zero or undefined standard deviation) and
@@ -58,7 +62,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.distributions import quantile_levels
+from lowbit.distributions import FAMILIES, quantile_levels
 
 # distquant's order: dist=None keeps the first of equally good dists, as distquant does.
 DISTS = (
@@ -147,6 +151,47 @@ def _u_cauchy_cdf(t, beta):
     return _torch_dists()["cauchy"].cdf(t / beta)
 
 
+# z = inverse(u) for float32 bin centres u, in distquant's decode steps; the level is then
+# ``z * beta * scale + loc``. Not the float64 quantiles of lowbit.distributions: distquant's
+# levels carry its float32 rounding, and torch's Gumbel inverts through a Uniform(tiny, 1 - eps)
+# base (u is shrunk by 1 - 2**-23, ~1e-5 relative on the top gumbel_cdf levels), so only the
+# same operations give the same values.
+def _z_gaussian(u):
+    return _torch_dists()["normal"].icdf(u) * math.sqrt(2)
+
+
+def _z_gaussian_cdf(u):
+    return _torch_dists()["normal"].icdf(u)
+
+
+def _z_logistic(u):
+    return torch.log(torch.tan(u / 2 * math.pi)) * 2
+
+
+def _z_logistic_cdf(u):
+    return torch.logit(u)
+
+
+def _z_gumbel(u):
+    return torch.log(1 / (2 * torch.special.erfinv(1 - u) ** 2))
+
+
+def _z_gumbel_cdf(u):
+    return _torch_dists()["gumbel"].icdf(u)
+
+
+def _z_exponential(u):
+    return _torch_dists()["exponential"].icdf(u) * 2
+
+
+def _z_exponential_cdf(u):
+    return _torch_dists()["exponential"].icdf(u)
+
+
+def _z_cauchy_cdf(u):
+    return _torch_dists()["cauchy"].icdf(u)
+
+
 @dataclass(frozen=True)
 class _Dist:
     """One of distquant's dist names: family, which map, how loc/scale come from the data."""
@@ -157,24 +202,49 @@ class _Dist:
     # for cauchy); "gumbel": loc = mean - gamma * scale (or zero)
     scale_factor: float | None  # scale = std * factor; None: scale 1 (cauchy_cdf)
     u: Callable[[torch.Tensor, float], torch.Tensor]
+    z: Callable[[torch.Tensor], torch.Tensor]  # decode: u (bin centre) -> level before beta
     betas: tuple[float, ...]
     zero_needs_odd_n: bool
 
 
 _DISTS: dict[str, _Dist] = {
-    "gaussian": _Dist("gaussian", True, "mean", 1.0, _u_gaussian, BETA_GRID, True),
-    "gaussian_cdf": _Dist("gaussian", False, "mean", 1.0, _u_gaussian_cdf, BETA_GRID, True),
-    "logistic": _Dist("logistic", True, "mean", math.sqrt(3), _u_logistic, BETA_GRID, True),
-    "logistic_cdf": _Dist(
-        "logistic", False, "mean", math.sqrt(3), _u_logistic_cdf, BETA_GRID, True
+    "gaussian": _Dist("gaussian", True, "mean", 1.0, _u_gaussian, _z_gaussian, BETA_GRID, True),
+    "gaussian_cdf": _Dist(
+        "gaussian", False, "mean", 1.0, _u_gaussian_cdf, _z_gaussian_cdf, BETA_GRID, True
     ),
-    "cauchy_cdf": _Dist("cauchy", False, "fixed", None, _u_cauchy_cdf, BETA_GRID_CAUCHY, True),
-    "gumbel": _Dist("gumbel", True, "gumbel", math.sqrt(6), _u_gumbel, BETA_GRID, True),
-    "gumbel_cdf": _Dist("gumbel", False, "gumbel", math.sqrt(6), _u_gumbel_cdf, BETA_GRID, True),
+    "logistic": _Dist(
+        "logistic", True, "mean", math.sqrt(3), _u_logistic, _z_logistic, BETA_GRID, True
+    ),
+    "logistic_cdf": _Dist(
+        "logistic",
+        False,
+        "mean",
+        math.sqrt(3),
+        _u_logistic_cdf,
+        _z_logistic_cdf,
+        BETA_GRID,
+        True,
+    ),
+    "cauchy_cdf": _Dist(
+        "cauchy", False, "fixed", None, _u_cauchy_cdf, _z_cauchy_cdf, BETA_GRID_CAUCHY, True
+    ),
+    "gumbel": _Dist("gumbel", True, "gumbel", math.sqrt(6), _u_gumbel, _z_gumbel, BETA_GRID, True),
+    "gumbel_cdf": _Dist(
+        "gumbel", False, "gumbel", math.sqrt(6), _u_gumbel_cdf, _z_gumbel_cdf, BETA_GRID, True
+    ),
     # exponential: zero is the lower end of the support, not a level, so even n is allowed.
-    "exponential": _Dist("exponential", True, "fixed", 1.0, _u_exponential, BETA_GRID, False),
+    "exponential": _Dist(
+        "exponential", True, "fixed", 1.0, _u_exponential, _z_exponential, BETA_GRID, False
+    ),
     "exponential_cdf": _Dist(
-        "exponential", False, "fixed", 1.0, _u_exponential_cdf, BETA_GRID, False
+        "exponential",
+        False,
+        "fixed",
+        1.0,
+        _u_exponential_cdf,
+        _z_exponential_cdf,
+        BETA_GRID,
+        False,
     ),
 }
 
@@ -297,15 +367,16 @@ def _candidate_errors(
     prefix = torch.zeros(xs.numel() + 1, dtype=torch.float64, device=x.device)
     torch.cumsum(xs, 0, out=prefix[1:])
 
-    tables: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
     levels, thresholds, sizes = [], [], []
     for spec, loc, scale, betas in cands:
-        key = (spec.family, spec.optimal)
-        if key not in tables:
-            tables[key] = quantile_levels(spec.family, n, optimal=spec.optimal, device=x.device)
-        z_levels, z_thresholds = tables[key]
+        # Levels: exactly what _decode_table gives (float32 betas: the cast that multiplying a
+        # float32 tensor by a Python float does). Thresholds: the float64 quantiles, which the
+        # float32 CDF of the encode step matches to its rounding.
+        beta32 = torch.tensor(betas, dtype=torch.float32, device=x.device)[:, None]
+        unit = _unit_levels(spec, n, x.device)
+        levels.append((unit * beta32 * scale + loc).to(torch.float64))
+        _, z_thresholds = quantile_levels(spec.family, n, optimal=spec.optimal, device=x.device)
         stretch = torch.tensor(betas, dtype=torch.float64, device=x.device)[:, None] * scale
-        levels.append(loc + stretch * z_levels)
         thresholds.append(loc + stretch * z_thresholds)
         sizes.append(len(betas))
     lev = torch.cat(levels)  # [C, n]
@@ -331,10 +402,26 @@ def _bits(n: int) -> int:
     return (n - 1).bit_length()
 
 
+def _unit_levels(spec: _Dist, n: int, device) -> torch.Tensor:
+    """float32 ``[n]``: code ``c``'s level before ``beta``, scale and loc, as distquant decodes.
+
+    distquant maps ``u = (float32(c) + 0.5) / n`` through ``spec.z``. For the symmetric
+    families the middle code of an odd ``n`` (``u = 0.5`` exactly) gets exactly 0, so that its
+    level is exactly ``loc``: distquant's ``logistic`` gave ``2 log(tan(pi / 4))``, a float32
+    rounding away from 0 (the others give 0 already).
+    """
+    u = (torch.arange(n, device=device).float() + 0.5) / n
+    z = spec.z(u)
+    if n % 2 == 1 and FAMILIES[spec.family].symmetric:
+        z[n // 2] = 0.0
+    return z
+
+
 def _decode_table(spec: _Dist, n: int, scale: float, loc: float, beta: float, device):
-    """Float32 value of each of the ``n`` codes (computed in float64, rounded once)."""
-    z_levels, _ = quantile_levels(spec.family, n, optimal=spec.optimal, device=device)
-    return (loc + (scale * beta) * z_levels).to(torch.float32)
+    """float32 ``[n]``: the value of each code, ``z * beta * scale + loc`` in float32 with
+    distquant's order of operations (so equal to distquant's ``dequantize``, see
+    ``_unit_levels``)."""
+    return _unit_levels(spec, n, device) * beta * scale + loc
 
 
 def _pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:

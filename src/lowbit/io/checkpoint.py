@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowbit.io.manifest import FORMAT_NAME, FORMAT_VERSION, Manifest, read_manifest_file
 from lowbit.io.outputs import write_text_atomic
 from lowbit.io.staging import (
     OBSOLETE,
@@ -40,11 +41,8 @@ from lowbit.io.staging import (
 )
 from lowbit.model import linear_weight, set_submodule
 from lowbit.nn import QuantLinear
-from lowbit.spec import QuantSpec
-from lowbit.tensor import DTYPE_NAMES, FLOAT_DTYPES
+from lowbit.tensor import DTYPE_NAMES
 
-FORMAT_NAME = "lowbit"
-FORMAT_VERSION = 1
 MANIFEST = "lowbit.json"
 TENSORS = "model.safetensors"
 
@@ -237,32 +235,25 @@ def _strict_json(value, what: str) -> str:
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
-    """The parsed ``lowbit.json`` of a saved directory, checked for format and version.
+    """The parsed ``lowbit.json`` of a saved directory, with every entry `load` uses checked
+    (see `lowbit.io.manifest`: types, the tensors file confined to the directory, specs).
 
     A save that was killed while moving its files into ``directory`` is finished first (see
     `lowbit.io.staging.recover`), so the manifest read is always a whole checkpoint's.
+
+    Raises:
+        FileNotFoundError: no ``lowbit.json`` in ``directory``.
+        ValueError: a malformed manifest; the message names the file and the field.
     """
+    return _checked_manifest(directory).data
+
+
+def _checked_manifest(directory: str | os.PathLike) -> Manifest:
+    """`read_manifest`, returning the checked, typed values (`lowbit.io.manifest.Manifest`)."""
     directory = Path(directory)
     with contextlib.suppress(OSError):
         recover(directory.resolve() if directory.is_symlink() else directory, MANIFEST)
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"no lowbit manifest at {str(path)!r}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"{str(path)!r} is not a lowbit manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{str(path)!r} has format_version {manifest.get('format_version')!r}; "
-            f"this lowbit reads {FORMAT_VERSION}"
-        )
-    for key in ("tensors_file", "sha256", "layers", "aliases"):
-        if key not in manifest:
-            raise ValueError(f"{str(path)!r} lacks the {key!r} entry")
-    return manifest
+    return read_manifest_file(directory / MANIFEST)
 
 
 def load(directory: str | os.PathLike, model: nn.Module, *, verify: bool = True) -> nn.Module:
@@ -279,16 +270,17 @@ def load(directory: str | os.PathLike, model: nn.Module, *, verify: bool = True)
 
     Raises:
         FileNotFoundError: manifest or tensors file missing (the message names it).
-        ValueError: corrupted/truncated file, or a layer or tensor that does not match ``model``.
+        ValueError: a malformed manifest (the message names the file and the field), a
+            corrupted/truncated file, or a layer or tensor that does not match ``model``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    tensors_path = directory / manifest["tensors_file"]
+    manifest = _checked_manifest(directory)
+    tensors_path = directory / manifest.tensors_file
     if not tensors_path.is_file():
         raise FileNotFoundError(f"tensors file {str(tensors_path)!r} is missing")
-    if verify and _sha256(tensors_path) != manifest["sha256"]:
+    if verify and _sha256(tensors_path) != manifest.sha256:
         raise ValueError(
             f"{str(tensors_path)!r} is corrupted: its sha256 does not match the manifest"
         )
@@ -296,7 +288,13 @@ def load(directory: str | os.PathLike, model: nn.Module, *, verify: bool = True)
         state = load_file(str(tensors_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"cannot read {str(tensors_path)!r}: {err}") from None
-    for alias, source in manifest["aliases"].items():
+    for alias, source in manifest.aliases.items():
+        if alias in state:
+            # Loading would replace the stored tensor by another one of the same shape.
+            raise ValueError(
+                f"{str(manifest.path)!r}: aliases[{alias!r}] names a tensor the tensors file "
+                "stores (an alias names a tied tensor that is not stored)"
+            )
         if source not in state:
             raise ValueError(
                 f"{str(tensors_path)!r}: alias {alias!r} points to missing tensor {source!r}"
@@ -304,7 +302,7 @@ def load(directory: str | os.PathLike, model: nn.Module, *, verify: bool = True)
         state[alias] = state[source]
 
     new_layers: dict[str, QuantLinear] = {}
-    for name, info in manifest["layers"].items():
+    for name, entry in manifest.layers.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -318,25 +316,25 @@ def load(directory: str | os.PathLike, model: nn.Module, *, verify: bool = True)
             shape = tuple(weight.shape)
         else:
             raise ValueError(f"layer {name!r} is a {type(module).__name__}, expected nn.Linear")
-        if shape != (info["out_features"], info["in_features"]):
+        if shape != (entry.out_features, entry.in_features):
             raise ValueError(
-                f"layer {name!r}: saved shape [{info['out_features']}, {info['in_features']}] "
+                f"layer {name!r}: saved shape [{entry.out_features}, {entry.in_features}] "
                 f"does not match the model's {list(shape)}"
             )
         new_layers[name] = QuantLinear(
-            info["in_features"],
-            info["out_features"],
-            info["bias"],
-            QuantSpec.from_dict(info["spec"]),
-            dtype=FLOAT_DTYPES[info["dtype"]],
+            entry.in_features,
+            entry.out_features,
+            entry.bias,
+            entry.spec,
+            dtype=entry.dtype,
             device="meta",
         )
     # Check every tensor against the model as it will be before touching it, so a file that
     # does not fit leaves the skeleton unchanged.
-    also_at = {name: info.get("also_at", []) for name, info in manifest["layers"].items()}
+    also_at = {name: list(entry.also_at) for name, entry in manifest.layers.items()}
     _check_fit(model, new_layers, state, tensors_path, also_at)
     for name, layer in new_layers.items():
-        for path in [name, *manifest["layers"][name].get("also_at", [])]:
+        for path in [name, *manifest.layers[name].also_at]:
             set_submodule(model, path, layer)
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
@@ -348,7 +346,7 @@ def load(directory: str | os.PathLike, model: nn.Module, *, verify: bool = True)
             f"missing tensors {result.missing_keys[:5]}, "
             f"unexpected tensors {result.unexpected_keys[:5]}"
         )
-    for alias, source in manifest["aliases"].items():
+    for alias, source in manifest.aliases.items():
         _retie(model, alias, source)
     left = [
         name

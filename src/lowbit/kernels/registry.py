@@ -32,12 +32,27 @@ class Kernel:
     run: Callable[[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None], torch.Tensor]
     max_tokens: int
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"Kernel.name must be a non-empty str, got {self.name!r}")
+        for field in ("supports", "prepare", "run"):
+            if not callable(getattr(self, field)):
+                raise TypeError(f"Kernel {self.name!r}: {field} must be callable")
+        tokens = self.max_tokens
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise TypeError(f"Kernel {self.name!r}: max_tokens must be an int >= 0, got {tokens!r}")
+
 
 _KERNELS: dict[str, Kernel] = {}
 
 
 def register_kernel(kernel: Kernel) -> Kernel:
-    """Add ``kernel``; names are unique."""
+    """Add ``kernel``; names are unique, and ``"auto"`` / ``"dequantize"`` are taken by
+    `QuantLinear`'s own settings."""
+    if not isinstance(kernel, Kernel):
+        raise TypeError(f"register_kernel takes a Kernel, got {type(kernel).__name__}")
+    if kernel.name in ("auto", "dequantize"):
+        raise ValueError(f"kernel name {kernel.name!r} is reserved for QuantLinear's settings")
     if kernel.name in _KERNELS:
         raise ValueError(f"kernel {kernel.name!r} is already registered")
     _KERNELS[kernel.name] = kernel
@@ -46,6 +61,8 @@ def register_kernel(kernel: Kernel) -> Kernel:
 
 def get_kernel(name: str) -> Kernel:
     """The kernel registered as ``name``; an unknown name raises listing the registered ones."""
+    if not isinstance(name, str):
+        raise TypeError(f"kernel name must be a str, got {name!r}")
     try:
         return _KERNELS[name]
     except KeyError:
@@ -81,8 +98,14 @@ def int4_codes_and_scales(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tens
     return codes, scales_and_zeros
 
 
-def select_kernel(qt: QuantizedTensor, device: torch.device) -> Kernel | None:
-    """The first registered kernel that supports ``qt`` on ``device``, or ``None``."""
+def select_kernel(qt: QuantizedTensor, device: torch.device | str) -> Kernel | None:
+    """The first registered kernel that supports ``qt`` on ``device``, or ``None``.
+
+    ``device`` may be a `torch.device` or a name (``"cpu"``, ``"cuda:0"``).
+    """
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
+    device = torch.device(device)
     for kernel in _KERNELS.values():
         if kernel.supports(qt, device):
             return kernel

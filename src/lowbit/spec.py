@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from lowbit.grids import get_grid
+
 SPEC_VERSION = 1
 
 GRANULARITIES = ("tensor", "channel", "group")
@@ -182,10 +184,8 @@ def _natural_symmetry(spec: QuantSpec) -> bool:
     """What ``symmetric=None`` means for ``spec``'s grid (see `QuantSpec`)."""
     if spec.zero_point == "float":
         return False
-    # Imported here: the grids import this module. An unknown grid name is reported by
-    # `lowbit.grids.get_grid` when the spec is used, with the list of registered ones.
-    from lowbit.grids import get_grid
-
+    # An unknown grid name is reported by `lowbit.grids.get_grid` when the spec is used, with
+    # the list of registered ones (a grid may be registered after the spec is made).
     try:
         grid = get_grid(spec.grid)
     except ValueError:

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
 
 from lowbit.distributions import FAMILIES
 from lowbit.grids.registry import register_grid
-from lowbit.spec import QuantSpec
+
+if TYPE_CHECKING:  # grids sit below the spec, which asks them for its defaults
+    from lowbit.spec import QuantSpec
 
 NF4_LEVELS = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,

@@ -5,6 +5,7 @@ outside the checkpoint folder."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from torch import nn
 import lowbit
 from lowbit import QuantSpec, quantize_model
 from lowbit.io import read_manifest
+from lowbit.io.checkpoint import verify
 
 UP = "model.layers.0.mlp.up_proj"
 DOWN = "model.layers.0.mlp.down_proj"
@@ -360,6 +362,36 @@ def test_unknown_top_level_keys_and_absent_later_fields_are_fine(model, saved):
             for key in ("zero_point", "rotation", "rotation_seed", "fit_options"):
                 if info["spec"][key] in ("int", None, 0):
                     del info["spec"][key]
+
+    edit(saved, change)
+    assert torch.equal(outputs(lowbit.load(saved, Tiny())), outputs(model))
+
+
+def test_an_edited_spec_that_still_fits_the_tensors_is_refused(model, saved):
+    # group_size 16 -> 17 on 32 inputs gives the same two groups per row: the tensors fit, the
+    # model would silently differ. The tensors file's header (covered by the sha256) records
+    # the layer entries it was saved with.
+    def change(manifest):
+        manifest["layers"]["model.layers.0.mlp.up_proj"]["spec"]["group_size"] = 17
+
+    edit(saved, change)
+    skeleton = Tiny()
+    before = {k: v.clone() for k, v in skeleton.state_dict().items()}
+    with pytest.raises(ValueError, match=r"up_proj.*spec\.group_size.*edited"):
+        lowbit.load(saved, skeleton)
+    assert all(torch.equal(before[k], v) for k, v in skeleton.state_dict().items())
+    with pytest.raises(ValueError, match="group_size"):
+        verify(saved)
+
+
+def test_files_saved_before_the_header_recorded_layers_still_load(model, saved):
+    from safetensors.torch import load_file, save_file
+
+    tensors = saved / "model.safetensors"
+    save_file(load_file(str(tensors)), str(tensors), metadata={"format": "lowbit"})
+
+    def change(manifest):
+        manifest["sha256"] = hashlib.sha256(tensors.read_bytes()).hexdigest()
 
     edit(saved, change)
     assert torch.equal(outputs(lowbit.load(saved, Tiny())), outputs(model))

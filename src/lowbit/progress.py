@@ -35,6 +35,7 @@ def bar(
     progress: bool | None = None,
 ):
     """``iterable`` wrapped in a tqdm bar that appears after `DELAY_S` seconds (if enabled)."""
+    width, height = _terminal_size()
     return tqdm(
         iterable,
         desc=desc,
@@ -44,8 +45,21 @@ def bar(
         disable=not enabled(progress),
         file=sys.stderr,
         leave=False,
-        dynamic_ncols=True,
+        # A terminal that reports a size of 0 x 0 (a pseudo-terminal nobody sized: `script`,
+        # some CI runners and IDE consoles) makes tqdm hide every bar: use a fixed size there.
+        dynamic_ncols=width > 0,
+        ncols=None if width > 0 else 80,
+        nrows=None if height > 0 else 24,
     )
+
+
+def _terminal_size() -> tuple[int, int]:
+    """(columns, lines) of the terminal on standard error; (0, 0) if unknown or none."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return 0, 0
+    return size.columns, size.lines
 
 
 def status(message: str) -> None:

@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from lowbit.grids import get_grid
+from lowbit.layouts import get_layout
 
 SPEC_VERSION = 1
 
@@ -52,6 +53,14 @@ class QuantSpec:
             ``bits`` bits, the min/max range stretched to include 0 so 0.0 is exact) or
             ``"float"`` (a ``scale_dtype`` offset per block and the exact min/max range, as
             llama.cpp's Q4_1 and HQQ store it; also what lets codebook grids be asymmetric).
+        layout: how codes are stored (a registered `lowbit.layouts` name: ``"dense"``, a bit
+            stream of ``bits`` bits per code, or ``"base3"``, five codes of a grid with at most
+            three levels per byte). ``None`` (the default) takes the grid's preferred layout;
+            specs saved before layouts existed read as ``"dense"``.
+        rounding: how values become codes once blocks are fitted: a registered
+            `lowbit.rounding` step (``"nearest"``, the default; error-feedback methods such as
+            GPTQ register theirs). It changes which codes are chosen, never how they are
+            stored or restored.
         rotation: ``None`` or ``"hadamard"``: quantize ``W R^T`` with ``R`` a randomized
             block-diagonal Hadamard matrix (see `lowbit.rotation`); layers rotate their input
             to match. The random signs (from ``rotation_seed``) are stored with the weight.
@@ -68,6 +77,8 @@ class QuantSpec:
     zero_point: str = "int"
     rotation: str | None = None
     rotation_seed: int = 0
+    layout: str | None = None
+    rounding: str = "nearest"
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -132,6 +143,9 @@ class QuantSpec:
             raise ValueError(
                 f"QuantSpec.rotation_seed must be in [0, 2**63), got {self.rotation_seed}"
             )
+        if not isinstance(self.rounding, str) or not self.rounding:
+            raise TypeError(f"QuantSpec.rounding must be a rounding name, got {self.rounding!r}")
+        _resolve_layout(self)
         if self.version != SPEC_VERSION:
             raise ValueError(
                 f"QuantSpec.version {self.version} is not supported "
@@ -145,6 +159,7 @@ class QuantSpec:
         kind = "sym" if self.symmetric else "asym" + ("-f" if self.zero_point == "float" else "")
         extra = "" if self.fit in ("absmax", "minmax") else f" {self.fit}"
         extra += " rot" if self.rotation else ""
+        extra += "" if self.rounding == "nearest" else f" {self.rounding}"
         return f"{_grid_label(self.grid, self.bits)} {layout} {kind}{extra}"
 
     @property
@@ -178,6 +193,43 @@ def _grid_label(grid: str, bits: int) -> str:
     if grid.endswith(str(bits)) and not grid[-len(str(bits)) - 1 : -len(str(bits))].isdigit():
         return grid
     return f"{grid} {bits}-bit"
+
+
+def _resolve_layout(spec: QuantSpec) -> None:
+    """Set ``spec.layout`` to its grid's preferred layout when unset, and check that the layout
+    exists and can hold the grid's codes (when the grid is registered: an unknown grid is
+    reported when the spec is used)."""
+    if spec.layout is not None and not isinstance(spec.layout, str):
+        raise TypeError(f"QuantSpec.layout must be a layout name or None, got {spec.layout!r}")
+    try:
+        grid = get_grid(spec.grid)
+    except ValueError:
+        grid = None
+    if spec.layout is None:
+        preferred = getattr(grid, "preferred_layout", None)
+        object.__setattr__(spec, "layout", preferred(spec.bits) if preferred else "dense")
+    try:
+        layout = get_layout(spec.layout)
+    except ValueError as err:
+        raise ValueError(f"QuantSpec.layout: {err}") from None
+    if grid is not None:
+        try:
+            # A layout that takes every code of the width needs no exact count (a codebook's
+            # count means computing its levels: seconds for 8-bit Lloyd-Max tables).
+            layout.check(spec.bits, 1 << spec.bits)
+            return
+        except ValueError:
+            pass
+        try:
+            levels = grid.level_count(spec.bits)
+        except ValueError:
+            return  # bits the grid does not take: its own check names them
+        try:
+            layout.check(spec.bits, levels)
+        except ValueError as err:
+            raise ValueError(
+                f"QuantSpec.layout with grid {spec.grid!r} at {spec.bits} bits: {err}"
+            ) from None
 
 
 def _natural_symmetry(spec: QuantSpec) -> bool:

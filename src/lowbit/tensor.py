@@ -9,7 +9,8 @@ import torch
 
 from lowbit.entropy import code_histogram, entropy_bits
 from lowbit.grids import get_grid
-from lowbit.packing import packed_row_bytes, unpack, unpack_into
+from lowbit.layouts import get_layout
+from lowbit.packing import packed_row_bytes, unpack
 from lowbit.rotation import unpack_signs, unrotate
 from lowbit.spec import QuantSpec
 
@@ -74,7 +75,7 @@ class BlockLayout:
     def expected_shapes(self, spec: QuantSpec) -> dict[str, tuple[int, ...]]:
         """Shapes of the stored tensors: ``packed``, ``scale`` and (asymmetric) ``zero``."""
         shapes = {
-            "packed": (self.rows, packed_row_bytes(self.cols, spec.bits)),
+            "packed": (self.rows, get_layout(spec.layout).row_bytes(self.cols, spec.bits)),
             "scale": (self.scale_rows, self.groups),
         }
         if not spec.symmetric and spec.zero_point == "float":
@@ -139,7 +140,7 @@ class QuantizedTensor:
 
     def codes(self) -> torch.Tensor:
         """Unpacked codes, uint8 ``[rows, cols]``."""
-        return unpack(self.packed, self.spec.bits, self.layout.cols)
+        return get_layout(self.spec.layout).unpack(self.packed, self.spec.bits, self.layout.cols)
 
     def code_entropy(self) -> float:
         """Empirical entropy of the codes, in bits per weight: the size an ideal order-0 entropy
@@ -149,8 +150,9 @@ class QuantizedTensor:
         levels = 1 << self.spec.bits
         counts = torch.zeros(levels, dtype=torch.int64, device=self.packed.device)
         rows = max(1, (1 << 20) // max(1, self.layout.cols))
+        storage = get_layout(self.spec.layout)
         for r0 in range(0, self.layout.rows, rows):
-            codes = unpack(self.packed[r0 : r0 + rows], self.spec.bits, self.layout.cols)
+            codes = storage.unpack(self.packed[r0 : r0 + rows], self.spec.bits, self.layout.cols)
             counts += code_histogram(codes, levels)
         return float(entropy_bits(counts))
 
@@ -208,6 +210,7 @@ class QuantizedTensor:
             restored = unrotate(restored, unpack_signs(self.signs, lay.cols))
             return out.copy_(restored.view(self.shape).clamp_(-limit, limit))
         grid = get_grid(self.spec.grid)
+        storage = get_layout(self.spec.layout)
         bits = self.spec.bits
         zero = self.zero_points().unsqueeze(-1)
         scale = self.scale.to(torch.float32).unsqueeze(-1)
@@ -228,11 +231,11 @@ class QuantizedTensor:
             step = max(1, DEQUANT_CHUNK_ELEMENTS // max(1, lay.cols))
         for r0 in range(0, lay.rows, step):
             r1 = min(lay.rows, r0 + step)
-            if getattr(grid, "codes_are_values", False):
+            if grid.codes_are_values:
                 values = torch.empty(r1 - r0, lay.cols, device=self.device)
-                unpack_into(self.packed[r0:r1], bits, values)
+                storage.unpack_into(self.packed[r0:r1], bits, values)
             else:
-                values = grid.decode(unpack(self.packed[r0:r1], bits, lay.cols), bits)
+                values = grid.decode(storage.unpack(self.packed[r0:r1], bits, lay.cols), bits)
             if lay.ragged:
                 values = torch.nn.functional.pad(values, (0, lay.padded_cols - lay.cols))
             values = values.view(r1 - r0, lay.groups, lay.group_len)

@@ -140,6 +140,12 @@ class CodebookGrid:
         low, high = self.value_range(bits)
         return low <= -0.99 and high >= 0.99
 
+    def level_count(self, bits: int) -> int:
+        return int(self.levels(bits).numel())
+
+    def preferred_layout(self, bits: int) -> str:
+        return "dense"
+
     def value_range(self, bits: int) -> tuple[float, float]:
         levels = self.levels(bits)
         return float(levels[0]), float(levels[-1])

@@ -15,12 +15,21 @@ class Grid(Protocol):
     """
 
     name: str
+    #: ``decode(q) == q``: codes may be unpacked straight into floats, and an integer zero
+    #: point is a code (the uniform grid). Codebooks map codes through a table.
+    codes_are_values: bool
 
     def check_bits(self, bits: int) -> None:
         """Raise ``ValueError`` naming ``bits`` if this grid cannot use that width."""
 
     def check_spec(self, spec) -> None:
         """Raise ``ValueError`` if this grid cannot serve ``spec`` (bits, symmetry)."""
+
+    def level_count(self, bits: int) -> int:
+        """How many codes are valid at ``bits`` (``0 .. level_count - 1``)."""
+
+    def preferred_layout(self, bits: int) -> str:
+        """The storage layout (`lowbit.layouts`) a spec gets when it names none."""
 
     def value_range(self, bits: int) -> tuple[float, float]:
         """Smallest and largest ``decode`` value (used by the scale fits)."""
@@ -38,8 +47,27 @@ class Grid(Protocol):
 _GRIDS: dict[str, Grid] = {}
 
 
+# What a grid must declare (see `Grid`); call sites read these instead of probing.
+REQUIRED = (
+    "name",
+    "codes_are_values",
+    "check_bits",
+    "check_spec",
+    "level_count",
+    "preferred_layout",
+    "value_range",
+    "center",
+    "encode_",
+    "decode",
+)
+
+
 def register_grid(grid: Grid) -> Grid:
-    """Add ``grid`` under ``grid.name``; a second grid with the same name is an error."""
+    """Add ``grid`` under ``grid.name``; a second grid with the same name is an error, and so is
+    a grid that lacks a member of the `Grid` protocol (TypeError naming them)."""
+    missing = [member for member in REQUIRED if not hasattr(grid, member)]
+    if missing:
+        raise TypeError(f"grid {grid!r} lacks {missing} (see lowbit.grids.Grid)")
     if grid.name in _GRIDS:
         raise ValueError(f"grid {grid.name!r} is already registered")
     _GRIDS[grid.name] = grid

@@ -30,6 +30,12 @@ class UniformIntGrid:
     def check_spec(self, spec) -> None:
         self.check_bits(spec.bits)
 
+    def level_count(self, bits: int) -> int:
+        return 1 << bits
+
+    def preferred_layout(self, bits: int) -> str:
+        return "dense"
+
     def value_range(self, bits: int) -> tuple[float, float]:
         return 0.0, float((1 << bits) - 1)
 

@@ -41,9 +41,12 @@ from lowbit.io.staging import (
 )
 from lowbit.model import linear_weight, set_submodule
 from lowbit.nn import QuantLinear
+from lowbit.spec import QuantSpec
 from lowbit.tensor import DTYPE_NAMES
 
 MANIFEST = "lowbit.json"
+# Key of the layer entries in the tensors file's safetensors header.
+LAYERS_KEY = "lowbit.layers"
 TENSORS = "model.safetensors"
 
 
@@ -104,7 +107,10 @@ def save(
         previous, deletable = _owned_files(real)
         stage = new_stage(real)
         tensors_path = stage / TENSORS
-        save_file(state, str(tensors_path), metadata={"format": FORMAT_NAME})
+        # The layer entries go into the tensors file's header too, which the manifest's sha256
+        # covers: an edited spec (a group size giving the same number of groups) is caught.
+        header = {"format": FORMAT_NAME, LAYERS_KEY: _canonical(layers)}
+        save_file(state, str(tensors_path), metadata=header)
         if write_extra is not None:
             write_extra(stage)
         files = staged_files(stage, MANIFEST)
@@ -286,7 +292,8 @@ def load(directory: str | os.PathLike, model: nn.Module, *, verify: bool = True)
         )
     try:
         state = load_file(str(tensors_path))
-    except (SafetensorError, OSError, ValueError) as err:
+        _check_layers_match(tensors_path, manifest.path, manifest.data["layers"])
+    except (SafetensorError, OSError) as err:
         raise ValueError(f"cannot read {str(tensors_path)!r}: {err}") from None
     for alias, source in manifest.aliases.items():
         if alias in state:
@@ -479,6 +486,63 @@ def verify(directory: str | os.PathLike) -> dict:
     try:
         with safe_open(str(tensors_path), "pt") as handle:
             handle.keys()
-    except (SafetensorError, OSError, ValueError) as err:
+        _check_layers_match(tensors_path, directory / MANIFEST, manifest["layers"])
+    except (SafetensorError, OSError) as err:
         raise ValueError(f"cannot read {str(tensors_path)!r}: {err}") from None
     return manifest
+
+
+def _canonical(layers: dict) -> str:
+    """Layer entries (checked ones) as one canonical JSON string: every spec with all its
+    fields (a manifest may omit the fields later releases added), ``also_at`` always present,
+    sorted keys, no spaces."""
+    normal = {
+        name: {
+            **entry,
+            "spec": QuantSpec.from_dict(entry["spec"]).to_dict(),
+            "also_at": list(entry.get("also_at", [])),
+        }
+        for name, entry in layers.items()
+    }
+    return json.dumps(normal, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _check_layers_match(tensors_path: Path, manifest_path: Path, layers: dict) -> None:
+    """Raise ``ValueError`` if the tensors file's header records layer entries other than the
+    manifest's (files saved before the header held them are not checked)."""
+    with safe_open(str(tensors_path), "pt") as handle:
+        recorded = (handle.metadata() or {}).get(LAYERS_KEY)
+    current = _canonical(layers)
+    if recorded is None or recorded == current:
+        return
+    layers = json.loads(current)
+    try:
+        saved = json.loads(recorded)
+    except json.JSONDecodeError:
+        saved = {}
+    if not isinstance(saved, dict):
+        saved = {}
+    names = sorted(set(saved) | set(layers))
+    differing = [name for name in names if saved.get(name) != layers.get(name)]
+    detail = ""
+    if differing:
+        name = differing[0]
+        old, new = saved.get(name), layers.get(name)
+        old, new = (x if isinstance(x, dict) else {} for x in (old, new))
+        fields = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if (
+            "spec" in fields
+            and isinstance(old.get("spec"), dict)
+            and isinstance(new.get("spec"), dict)
+        ):
+            spec_old, spec_new = old["spec"], new["spec"]
+            fields = [
+                f"spec.{k}"
+                for k in sorted(set(spec_old) | set(spec_new))
+                if spec_old.get(k) != spec_new.get(k)
+            ]
+        detail = f": layers[{name!r}] differs in {fields}"
+    raise ValueError(
+        f"{str(manifest_path)!r} does not describe {str(tensors_path)!r}{detail} (the manifest "
+        "was edited after saving; save the model again)"
+    )

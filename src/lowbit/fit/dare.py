@@ -129,11 +129,7 @@ def dare_objective(blocks, weights, scale, zero, grid, bits, bins, lam_w, lam_h,
     """
     num_blocks, n = blocks.shape
     out = None
-    if (
-        getattr(grid, "codes_are_values", False)
-        and num_blocks * n * scale.shape[1] >= fused.MIN_WORK
-        and fused.enabled(blocks.device)
-    ):
+    if fused.should_compile(grid, blocks.device, num_blocks * n * scale.shape[1]):
         out = pruned_objective(
             blocks, weights, scale, zero, grid, bits, bins, lam_w, lam_h, int_zero
         )

@@ -87,6 +87,13 @@ def enabled(device: torch.device) -> bool:
     return not _broken and device.type == "cpu" and os.environ.get("LOWBIT_COMPILE", "1") != "0"
 
 
+def should_compile(grid, device: torch.device, work: int) -> bool:
+    """The one rule for running a search compiled: the uniform grid (the kernels compute codes
+    as values), at least `MIN_WORK` weight-candidate evaluations (below, compiling costs more
+    than it saves), and compilation `enabled` on ``device``."""
+    return grid.codes_are_values and work >= MIN_WORK and enabled(device)
+
+
 def _kernel(kind, weighted: bool):
     key = (kind, weighted)
     if key not in _compiled:

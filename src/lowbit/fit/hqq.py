@@ -80,11 +80,7 @@ def fit_hqq(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     if update is not None and not isinstance(update, bool):
         raise TypeError(f"fit 'hqq': update_scale must be a bool or None, got {update!r}")
     free_scale = spec.symmetric or (update if update is not None else spec.zero_point != "float")
-    compiled = (
-        getattr(grid, "codes_are_values", False)
-        and blocks.numel() * max(1, iterations) >= fused.MIN_WORK
-        and fused.enabled(blocks.device)
-    )
+    compiled = fused.should_compile(grid, blocks.device, blocks.numel() * max(1, iterations))
     for _ in range(iterations):
         # beta and p as 0-d tensors: one compiled kernel for every iteration and setting.
         shared = [torch.tensor(beta), torch.tensor(p)]
@@ -138,7 +134,7 @@ def _start(blocks, grid, spec, round_start):
     if spec.zero_point == "int":
         vmin, vmax = grid.value_range(spec.bits)
         return scale, zero.round().clamp(vmin, vmax)
-    if round_start and getattr(grid, "codes_are_values", False):
+    if round_start and grid.codes_are_values:
         zero = zero.round()
     return scale, zero
 

@@ -29,7 +29,7 @@ _CACHE_ELEMENTS = 1 << 17
 
 def nearest_values(u: torch.Tensor, grid: Grid, bits: int) -> torch.Tensor:
     """Nearest grid value (float32, same shape) of each normalised value ``u`` (float32)."""
-    if getattr(grid, "codes_are_values", False):
+    if grid.codes_are_values:
         vmin, vmax = grid.value_range(bits)
         return u.round().clamp_(vmin, vmax)
     return grid.decode(grid.encode_(u.clone(), bits), bits)
@@ -48,7 +48,7 @@ def restored_values(
     uniform grid with an integer zero, ``round(x / s) + z``; otherwise nearest to ``x / s + z``
     (as a multiply by ``1 / s``). The scorers use the cheaper form; this one is for searches
     that promise a result exactly as good as a reference's (``dare``)."""
-    if integer_zero and getattr(grid, "codes_are_values", False):
+    if integer_zero and grid.codes_are_values:
         vmin, vmax = grid.value_range(bits)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         quotient = torch.where(scale > 0, blocks / safe, torch.zeros_like(blocks))
@@ -138,11 +138,7 @@ def best_candidate(
     ``scale``/``zero [B, C]``: `squared_errors` then the minimum, fused and compiled for the
     uniform grid on large searches (`lowbit.fit.fused`). NaN in a block gives a NaN error."""
     num_blocks, n = blocks.shape
-    if (
-        getattr(grid, "codes_are_values", False)
-        and num_blocks * n * max(scale.shape[1], 16) >= fused.MIN_WORK
-        and fused.enabled(blocks.device)
-    ):
+    if fused.should_compile(grid, blocks.device, num_blocks * n * max(scale.shape[1], 16)):
         inv = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale))
         vmin, vmax = grid.value_range(bits)
         result = fused.uniform_best(blocks, weights, inv, zero, vmin, vmax)
@@ -227,11 +223,7 @@ def range_search(
     int_zero = spec.zero_point == "int"
     index = None
     num_blocks, n = blocks.shape
-    if (
-        getattr(grid, "codes_are_values", False)
-        and num_blocks * n * max(len(ratio), 16) >= fused.MIN_WORK
-        and fused.enabled(blocks.device)
-    ):
+    if fused.should_compile(grid, blocks.device, num_blocks * n * max(len(ratio), 16)):
         dtype = FLOAT_DTYPES[spec.scale_dtype]
         result = fused.range_best(
             blocks, weights, low, width, ratio, position, *shape, spec.zero_point, dtype

@@ -221,6 +221,8 @@ def dummy_kernel(**overrides):
         ({"max_tokens": -1}, "max_tokens must be an int >= 0"),
         ({"max_tokens": 1.5}, "max_tokens must be an int >= 0"),
         ({"max_tokens": True}, "max_tokens must be an int >= 0"),
+        ({"priority": 1.5}, "priority must be an int"),
+        ({"priority": None}, "priority must be an int"),
     ],
 )
 def test_malformed_kernels_are_refused(overrides, match):
@@ -252,3 +254,20 @@ def test_get_kernel_and_select_kernel_check_their_arguments():
     # A device name works as a torch.device does.
     assert select_kernel(qt, "cpu") is select_kernel(qt, CPU) is not None
     assert select_kernel(qt, "meta") is None
+
+
+def test_the_highest_priority_supporting_kernel_wins(monkeypatch):
+    from lowbit.kernels import registry
+
+    qt = quantize(torch.randn(64, 128), QuantSpec(bits=4, group_size=32))
+    builtin = select_kernel(qt, "cpu")
+    assert builtin is not None and builtin.priority == 10
+    takes_all = {"supports": lambda qt, device: True}
+    below = dummy_kernel(name="test_below", priority=5, **takes_all)
+    above = dummy_kernel(name="test_above", priority=20, **takes_all)
+    kernels = {**registry._KERNELS, below.name: below}
+    monkeypatch.setattr(registry, "_KERNELS", kernels)
+    assert select_kernel(qt, "cpu") is builtin  # registered later, but lower priority
+    kernels[above.name] = above
+    assert select_kernel(qt, "cpu") is above
+    assert available_kernels()[0] == "test_above" and available_kernels()[-1] == "test_below"

@@ -7,9 +7,10 @@ A kernel computes ``x @ dequantize(qt).T`` without materialising the float weigh
   `QuantizedTensor` (never stored on disk: storage depends on the spec, not the machine);
 * ``run(x, prepared, bias) -> Tensor``: the matmul, ``x`` of shape ``[tokens, in_features]``;
 * ``max_tokens``: above this many rows of ``x`` dequantize + ``F.linear`` is faster (measured in
-  ``benchmarks/bench_linear.py``), so `QuantLinear` falls back to it.
-
-Kernels are tried in registration order; the first that supports the format wins.
+  ``benchmarks/bench_linear.py``), so `QuantLinear` falls back to it;
+* ``priority``: kernels are tried highest priority first (registration order among equals);
+  the first that supports the format wins. A faster kernel for a format some kernel already
+  serves registers with a higher priority instead of depending on import order.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Kernel:
     prepare: Callable[[QuantizedTensor], dict[str, torch.Tensor]]
     run: Callable[[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None], torch.Tensor]
     max_tokens: int
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -41,6 +43,8 @@ class Kernel:
         tokens = self.max_tokens
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise TypeError(f"Kernel {self.name!r}: max_tokens must be an int >= 0, got {tokens!r}")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise TypeError(f"Kernel {self.name!r}: priority must be an int, got {self.priority!r}")
 
 
 _KERNELS: dict[str, Kernel] = {}
@@ -70,8 +74,13 @@ def get_kernel(name: str) -> Kernel:
 
 
 def available_kernels() -> list[str]:
-    """Names of all registered kernels."""
-    return list(_KERNELS)
+    """Names of all registered kernels, in the order `select_kernel` tries them."""
+    return [kernel.name for kernel in _by_priority()]
+
+
+def _by_priority() -> list[Kernel]:
+    # sorted() is stable: registration order among equal priorities.
+    return sorted(_KERNELS.values(), key=lambda kernel: -kernel.priority)
 
 
 def finish_output(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -99,14 +108,14 @@ def int4_codes_and_scales(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def select_kernel(qt: QuantizedTensor, device: torch.device | str) -> Kernel | None:
-    """The first registered kernel that supports ``qt`` on ``device``, or ``None``.
+    """The highest-priority registered kernel that supports ``qt`` on ``device``, or ``None``.
 
     ``device`` may be a `torch.device` or a name (``"cpu"``, ``"cuda:0"``).
     """
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
     device = torch.device(device)
-    for kernel in _KERNELS.values():
+    for kernel in _by_priority():
         if kernel.supports(qt, device):
             return kernel
     return None

@@ -86,5 +86,11 @@ def _run_int8(x, prepared, bias):
     return finish_output(y, x, bias)
 
 
-register_kernel(Kernel("cpu_int4pack", _supports_int4, _prepare_int4, _run_int4, max_tokens=64))
-register_kernel(Kernel("cpu_int8pack", _supports_int8, _prepare_int8, _run_int8, max_tokens=48))
+# PyTorch's own kernels: priority 10, so a faster kernel for the same formats registers above
+# them (and a fallback for formats they do not take, below).
+register_kernel(
+    Kernel("cpu_int4pack", _supports_int4, _prepare_int4, _run_int4, max_tokens=64, priority=10)
+)
+register_kernel(
+    Kernel("cpu_int8pack", _supports_int8, _prepare_int8, _run_int8, max_tokens=48, priority=10)
+)

@@ -67,4 +67,7 @@ def _run(x, prepared, bias):
     return finish_output(y, x, bias)
 
 
-register_kernel(Kernel("cuda_int4_tinygemm", _supports, _prepare, _run, max_tokens=128))
+# PyTorch's own kernel: priority 10, as the CPU ones.
+register_kernel(
+    Kernel("cuda_int4_tinygemm", _supports, _prepare, _run, max_tokens=128, priority=10)
+)

@@ -311,3 +311,53 @@ def test_default_exclude_does_not_warn_on_an_encoder(tmp_path, capsys):
     assert "'nope' matched no layer" in capsys.readouterr().err
 
 
+
+
+def _bad_fit_options() -> list[tuple[str, str, str]]:
+    """(fit, option, value text) outside each declared option of every registered fit."""
+    from lowbit.fit import available_fits, get_fit_info
+
+    cases = []
+    for fit in available_fits():
+        for name, option in get_fit_info(fit).options.items():
+            if option.kind is bool or option.choices or option.kind is str:
+                value = "1" if option.kind is str else '"yes"'  # wrong type / not a choice
+            elif option.low is not None:
+                value = str(option.low if option.low_open else option.low - 1)
+            else:
+                value = str(option.high if option.high_open else option.high + 1)
+            cases.append((fit, name, value))
+    return cases
+
+
+@pytest.mark.parametrize("fit,name,value", _bad_fit_options())
+def test_every_bad_fit_option_fails_before_loading(
+    tiny_llama_dir, tmp_path, capsys, no_loading, fit, name, value
+):
+    # Checked against the fit's declarations (no trial quantization), before the model loads.
+    args = ["--fit", fit, "--fit-option", f"{name}={value}", "--out", str(tmp_path / "o")]
+    if fit == "absmax":
+        args.append("--symmetric")
+    assert main(quantize(tiny_llama_dir, *args)) == 2
+    err = capsys.readouterr().err
+    assert name in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_fit_and_grid_mismatch_and_calibration_fail_before_loading(
+    tiny_llama_dir, tmp_path, capsys, no_loading
+):
+    from lowbit.fit import available_fits, fit_uses_importance
+
+    out = str(tmp_path / "o")
+    args = ["--fit", "absmax", "--grid", "exponential", "--out", out]
+    assert main(quantize(tiny_llama_dir, *args)) == 2
+    assert "one-sided" in capsys.readouterr().err
+    for fit in available_fits():
+        if not fit_uses_importance(fit):
+            symmetric = ["--symmetric"] if fit == "absmax" else []
+            args = ["--fit", fit, *symmetric, "--calibrate", "2", "--out", out]
+            assert main(quantize(tiny_llama_dir, *args)) == 2
+            err = capsys.readouterr().err
+            assert "needs a searching fit" in err and f"{fit!r} does not use importance" in err
+    assert not (tmp_path / "o").exists()

@@ -1,23 +1,43 @@
-"""The ``lowbit`` command: ``quantize`` and ``eval``, thin over the Python API."""
+"""The ``lowbit`` command: ``quantize``, ``eval`` and ``inspect``, thin over the Python API.
+
+Subcommands are rows of `COMMANDS` (name -> help, a function adding its arguments, a function
+running it); `main` parses and dispatches through it, so a new subcommand is one row.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from lowbit.spec import GRANULARITIES, SCALE_DTYPES, QuantSpec
 
 DEFAULT_EXCLUDE = ["lm_head"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``lowbit`` command (subcommands quantize and eval)."""
-    parser = argparse.ArgumentParser(prog="lowbit", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+class Command(NamedTuple):
+    """One ``lowbit`` subcommand: its ``--help`` line, what adds its arguments to its parser,
+    and what runs it (returns the exit code; errors it raises become exit code 2)."""
 
-    q = sub.add_parser("quantize", help="quantize a model's Linear layers, print the report, save")
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``lowbit`` command (one subparser per row of `COMMANDS`)."""
+    parser = argparse.ArgumentParser(prog="lowbit", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        command.add_arguments(sub.add_parser(name, help=command.help))
+    return parser
+
+
+def add_quantize_arguments(q: argparse.ArgumentParser) -> None:
+    """The options of ``lowbit quantize``."""
     q.add_argument(
         "--model",
         default=None,
@@ -124,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
         "file is replaced only if lowbit wrote it)",
     )
 
-    e = sub.add_parser("eval", help="WikiText-2 perplexity and size: full precision vs quantized")
+
+def add_eval_arguments(e: argparse.ArgumentParser) -> None:
+    """The options of ``lowbit eval``."""
     e.add_argument("quantized", nargs="*", help="directories written by 'lowbit quantize --out'")
     e.add_argument(
         "--model",
@@ -140,16 +162,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="write the results as JSON to this file, updated after each model",
     )
-    return parser
+
+
+def add_inspect_arguments(i: argparse.ArgumentParser) -> None:
+    """The options of ``lowbit inspect``."""
+    i.add_argument(
+        "directory", help="a directory written by 'lowbit quantize --out' or lowbit.save"
+    )
+    i.add_argument(
+        "--json",
+        default=None,
+        help="also write the description as JSON to this file (an existing file is replaced "
+        "only if lowbit wrote it)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run ``lowbit`` with ``argv``; returns the exit code (2 on bad input)."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "quantize":
-            return cmd_quantize(args)
-        return cmd_eval(args)
+        return COMMANDS[args.command].run(args)
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"lowbit {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -158,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_quantize(args) -> int:
     """``lowbit quantize``: check every input and output, load, quantize, print the report,
     save with ``--out`` (the model first), then write ``--json``."""
+    from lowbit.fit import available_fits, fit_uses_importance
     from lowbit.io.checkpoint import check_save_target
     from lowbit.io.hf import load_pretrained, save_quantized
     from lowbit.io.outputs import check_output_file, write_json
@@ -169,10 +202,11 @@ def cmd_quantize(args) -> int:
     spec = specs[0]
     if args.calibrate < 0:
         raise ValueError(f"--calibrate must be >= 0, got {args.calibrate}")
-    if args.calibrate and spec.fit in ("minmax", "absmax", "percentile"):
+    if args.calibrate and not fit_uses_importance(spec.fit):
+        searching = [name for name in available_fits() if fit_uses_importance(name)]
         raise ValueError(
-            f"--calibrate needs a searching fit (--fit mse, hqq or entropy); {spec.fit!r} "
-            "does not use importance"
+            f"--calibrate needs a searching fit (--fit {', '.join(searching[:-1])} or "
+            f"{searching[-1]}); {spec.fit!r} does not use importance"
         )
     if args.calibrate and args.rotate:
         raise ValueError(
@@ -244,24 +278,26 @@ def cmd_quantize(args) -> int:
 
 
 def cli_specs(args) -> list[QuantSpec]:
-    """The spec(s) the quantize options ask for: one, or the candidates of ``--grid best``.
+    """The spec(s) the quantize options ask for: one, or the candidates of ``--grid best``
+    (`lowbit.choice.candidate_specs`).
 
-    Every spec is checked against its grid here, before any model is loaded.
+    Every spec is checked against its grid and its fit's declared options here, before any
+    model is loaded.
     """
-    import torch
+    from dataclasses import replace
 
+    from lowbit.choice import candidate_specs, codebook_spec
     from lowbit.fit import fit_options
-    from lowbit.grids import CodebookGrid, available_grids, get_grid
-    from lowbit.quantize import quantize
+    from lowbit.grids import CodebookGrid, get_grid
 
     options = parse_fit_options(args.fit_option)
 
-    def make(grid: str, symmetric: bool) -> QuantSpec:
-        spec = QuantSpec(
+    def make(grid: str) -> QuantSpec:
+        return QuantSpec(
             bits=args.bits,
             group_size=args.group_size,
             granularity=args.granularity,
-            symmetric=symmetric,
+            symmetric=args.symmetric,
             grid=grid,
             scale_dtype=args.scale_dtype,
             zero_point=args.zero_point,
@@ -269,36 +305,19 @@ def cli_specs(args) -> list[QuantSpec]:
             fit=args.fit,
             fit_options=options or None,
         )
-        get_grid(grid).check_spec(spec)
-        fit_options(spec)  # unknown fit or option: fail before loading the model
-        # Option values out of range too: one tiny block runs every check of the fit.
-        # (At most 256 weights: a group larger than the row is one group per row anyway.)
-        sample = torch.linspace(-1.0, 1.0, min(spec.group_size or 8, 256))[None]
-        quantize(sample, spec, name="--fit-option")
-        return spec
 
-    float_zero = args.zero_point == "float"
-
-    def make_codebook(name: str) -> QuantSpec:
-        # Codebooks take symmetric specs, or a float zero point (one-sided ones always).
-        if args.symmetric or (not float_zero and get_grid(name).two_sided(args.bits)):
-            return make(name, True)
-        args_zero, args.zero_point = args.zero_point, "float"
-        try:
-            return make(name, False)
-        finally:
-            args.zero_point = args_zero
-
-    if args.grid != "best":
-        if isinstance(get_grid(args.grid), CodebookGrid):
-            get_grid(args.grid).check_bits(args.bits)
-            return [make_codebook(args.grid)]
-        return [make(args.grid, args.symmetric)]
-    specs = [make("int", args.symmetric)]
-    for name in available_grids():
-        grid = get_grid(name)
-        if isinstance(grid, CodebookGrid) and grid.min_bits <= args.bits <= grid.max_bits:
-            specs.append(make_codebook(name))
+    if args.grid == "best":
+        specs = candidate_specs(make("int"))
+    elif isinstance(get_grid(args.grid), CodebookGrid):
+        get_grid(args.grid).check_bits(args.bits)
+        specs = [codebook_spec(make("int"), args.grid)]
+    else:
+        specs = [make(args.grid)]
+    if args.fit is not None:  # an explicit --fit holds for every candidate, as given
+        specs = [replace(spec, fit=args.fit) for spec in specs]
+    for spec in specs:
+        get_grid(spec.grid).check_spec(spec)
+        fit_options(spec)  # unknown fit, option or value out of its declared range
     return specs
 
 
@@ -492,6 +511,41 @@ def format_eval_table(rows: list[dict]) -> str:
     width = max(len("model"), *(len(r["model"]) for r in rows))
     lines = [format_eval_header(width), *(format_eval_row(r, rows[0], width) for r in rows)]
     return "\n".join([*lines, EVAL_FOOTNOTE])
+
+
+def cmd_inspect(args) -> int:
+    """``lowbit inspect``: verify a saved directory and print what it holds (no model is
+    built); with ``--json``, write the same data."""
+    from lowbit.io.describe import describe_checkpoint, format_description
+    from lowbit.io.outputs import check_output_file, write_json
+
+    if args.json:
+        check_output_file(args.json, "--json")
+    data = describe_checkpoint(args.directory)
+    print(format_description(data))
+    if args.json:
+        write_json(args.json, "inspect", data)
+        print(f"description written to {args.json}")
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "quantize": Command(
+        "quantize a model's Linear layers, print the report, save",
+        add_quantize_arguments,
+        cmd_quantize,
+    ),
+    "eval": Command(
+        "WikiText-2 perplexity and size: full precision vs quantized",
+        add_eval_arguments,
+        cmd_eval,
+    ),
+    "inspect": Command(
+        "what a saved directory holds: specs, per-layer sizes and CPU kernels (no model load)",
+        add_inspect_arguments,
+        cmd_inspect,
+    ),
+}
 
 
 if __name__ == "__main__":

@@ -8,11 +8,34 @@ from lowbit.fit import mse as _mse  # noqa: F401
 from lowbit.fit import percentile as _percentile  # noqa: F401
 from lowbit.fit.registry import (
     FitFn,
+    FitInfo,
+    Option,
     available_fits,
+    bool_option,
+    choice_option,
     fit_defaults,
     fit_options,
+    fit_uses_importance,
+    float_option,
     get_fit,
+    get_fit_info,
+    int_option,
     register_fit,
 )
 
-__all__ = ["FitFn", "available_fits", "fit_defaults", "fit_options", "get_fit", "register_fit"]
+__all__ = [
+    "FitFn",
+    "FitInfo",
+    "Option",
+    "available_fits",
+    "bool_option",
+    "choice_option",
+    "fit_defaults",
+    "fit_options",
+    "fit_uses_importance",
+    "float_option",
+    "get_fit",
+    "get_fit_info",
+    "int_option",
+    "register_fit",
+]

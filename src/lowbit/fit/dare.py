@@ -29,18 +29,18 @@ import math
 import torch
 
 from lowbit.fit import fused
-from lowbit.fit.registry import fit_options, register_fit
+from lowbit.fit.registry import fit_options, float_option, int_option, register_fit
 from lowbit.fit.search import affine_candidates, as_stored, pick, restored_values
 from lowbit.grids import Grid
 from lowbit.spec import QuantSpec
 
-DARE_DEFAULTS = {
-    "bins": 128,
-    "lambda_weight": 1.0,
-    "lambda_entropy": 0.1,
-    "scales": 20,
-    "clip_candidates": 20,
-    "min_ratio": 0.3,
+DARE_OPTIONS = {
+    "bins": int_option(128, 1, 1 << 16),
+    "lambda_weight": float_option(1.0, 0.0, float("inf"), high_open=True),
+    "lambda_entropy": float_option(0.1, 0.0, float("inf"), high_open=True),
+    "scales": int_option(20, 1, 10_000),
+    "clip_candidates": int_option(20, 0, 10_000),
+    "min_ratio": float_option(0.3, 0.0, 1.0, low_open=True),
 }
 
 
@@ -55,7 +55,7 @@ def dare_ratios(grid: Grid, spec: QuantSpec, scales: int, clip: int, low: float)
     return torch.cat([seed, clipping])
 
 
-@register_fit("dare", DARE_DEFAULTS)
+@register_fit("dare", DARE_OPTIONS, uses_importance=True)
 def fit_dare(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     """Least DARE objective over DARE's scales plus clipping ones; see the module docstring.
 
@@ -65,18 +65,6 @@ def fit_dare(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     opts = fit_options(spec)
     bins, scales, clip = int(opts["bins"]), int(opts["scales"]), int(opts["clip_candidates"])
     low = float(opts["min_ratio"])
-    if not 1 <= bins <= 1 << 16:
-        raise ValueError(f"fit 'dare': bins must be in 1..65536, got {bins}")
-    if not 1 <= scales <= 10_000 or not 0 <= clip <= 10_000:
-        raise ValueError(
-            f"fit 'dare': scales must be in 1..10000 and clip_candidates in 0..10000, "
-            f"got {scales}, {clip}"
-        )
-    if not 0.0 < low <= 1.0:
-        raise ValueError(f"fit 'dare': min_ratio must be in (0, 1], got {low}")
-    for name in ("lambda_weight", "lambda_entropy"):
-        if not 0.0 <= float(opts[name]) < float("inf"):
-            raise ValueError(f"fit 'dare': {name} must be finite and >= 0, got {opts[name]}")
     ratios = dare_ratios(grid, spec, scales, clip, low)
     raw_scale, raw_zero = affine_candidates(blocks, grid, spec, ratios, 1)
     scale, zero = as_stored(raw_scale, raw_zero, grid, spec)  # scored as they will be stored

@@ -15,27 +15,35 @@ widens, fewer levels are used and the codes' entropy falls.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from lowbit.entropy import block_code_entropy, block_histogram_entropy
-from lowbit.fit.mse import check_search_options, ratio_grid
-from lowbit.fit.registry import fit_options, register_fit
+from lowbit.fit.mse import CANDIDATES, MIN_RATIO, OFFSETS, ratio_grid
+from lowbit.fit.registry import (
+    choice_option,
+    fit_options,
+    float_option,
+    int_option,
+    register_fit,
+)
 from lowbit.fit.search import affine_candidates, as_stored, nearest_codes, pick
 from lowbit.grids import Grid
 from lowbit.spec import QuantSpec
 
-ENTROPY_DEFAULTS = {
-    "entropy_weight": 0.01,
-    "source": "codes",
-    "bins": 32,
-    "candidates": 48,
-    "offsets": 3,
-    "min_ratio": 0.3,
-    "max_ratio": 2.0,
+ENTROPY_OPTIONS = {
+    "entropy_weight": float_option(0.01, 0.0),
+    "source": choice_option("codes", ("codes", "residual")),
+    "bins": int_option(32, 2, 1 << 16),
+    "candidates": replace(CANDIDATES, default=48),
+    "offsets": replace(OFFSETS, default=3),
+    "min_ratio": replace(MIN_RATIO, default=0.3),
+    "max_ratio": float_option(2.0, 1.0, 1000.0),
 }
 
 
-@register_fit("entropy", ENTROPY_DEFAULTS)
+@register_fit("entropy", ENTROPY_OPTIONS, uses_importance=True)
 def fit_entropy(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     """Least relative error plus ``entropy_weight`` times the entropy; see the module docstring.
 
@@ -44,17 +52,8 @@ def fit_entropy(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None)
     ``max_ratio`` (2.0).
     """
     opts = fit_options(spec)
-    check_search_options(opts, "entropy")
     lam, source, bins = float(opts["entropy_weight"]), opts["source"], int(opts["bins"])
-    if lam < 0:
-        raise ValueError(f"fit 'entropy': entropy_weight must be >= 0, got {lam}")
-    if source not in ("codes", "residual"):
-        raise ValueError(f"fit 'entropy': source must be 'codes' or 'residual', got {source!r}")
-    if not 2 <= bins <= 1 << 16:
-        raise ValueError(f"fit 'entropy': bins must be in 2..65536, got {bins}")
     high = float(opts["max_ratio"])
-    if not 1.0 <= high <= 1000.0:
-        raise ValueError(f"fit 'entropy': max_ratio must be in [1, 1000], got {high}")
     offsets = 1 if spec.symmetric else int(opts["offsets"])
     low = float(opts["min_ratio"])
     count = int(opts["candidates"])

@@ -23,7 +23,13 @@ import torch
 
 from lowbit.fit import fused
 from lowbit.fit.minmax import fit_absmax, fit_minmax
-from lowbit.fit.registry import fit_options, register_fit
+from lowbit.fit.registry import (
+    bool_option,
+    fit_options,
+    float_option,
+    int_option,
+    register_fit,
+)
 from lowbit.fit.search import (
     best_candidate,
     least_squares_refit,
@@ -32,13 +38,13 @@ from lowbit.fit.search import (
 from lowbit.grids import Grid
 from lowbit.spec import QuantSpec
 
-HQQ_DEFAULTS = {
-    "iterations": 20,
-    "lp_norm": 0.7,
-    "beta": 10.0,
-    "kappa": 1.01,
-    "update_scale": None,
-    "round_start": True,
+HQQ_OPTIONS = {
+    "iterations": int_option(20, 0, 10_000),
+    "lp_norm": float_option(0.7, 0.0, 1.0, low_open=True),
+    "beta": float_option(10.0, 0.0, low_open=True),
+    "kappa": float_option(1.01, 0.0, low_open=True),
+    "update_scale": bool_option(None),
+    "round_start": bool_option(True),
 }
 
 
@@ -48,7 +54,7 @@ def shrink_lp(error: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     return error.sign() * torch.relu(magnitude - (magnitude + 1e-8).pow(p - 1.0) / beta)
 
 
-@register_fit("hqq", HQQ_DEFAULTS)
+@register_fit("hqq", HQQ_OPTIONS, uses_importance=True)
 def fit_hqq(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     """Half-quadratic fit; see the module docstring.
 
@@ -65,20 +71,12 @@ def fit_hqq(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     opts = fit_options(spec)
     iterations, p = int(opts["iterations"]), float(opts["lp_norm"])
     beta, kappa = float(opts["beta"]), float(opts["kappa"])
-    if not 0 <= iterations <= 10_000:
-        raise ValueError(f"fit 'hqq': iterations must be in 0..10000, got {iterations}")
-    if not 0.0 < p <= 1.0:
-        raise ValueError(f"fit 'hqq': lp_norm must be in (0, 1], got {p}")
-    if beta <= 0 or kappa <= 0:
-        raise ValueError(f"fit 'hqq': beta and kappa must be > 0, got {beta}, {kappa}")
     scale, zero = _start(blocks, grid, spec, bool(opts["round_start"]))
     best_scale, best_zero = scale, zero
     best_error = _error(blocks, weights, scale, zero, grid, spec)
     # A symmetric block has no zero to move, and an integer zero moves only in whole codes:
     # there the scale is what the iterations update (unless told otherwise).
     update = opts["update_scale"]
-    if update is not None and not isinstance(update, bool):
-        raise TypeError(f"fit 'hqq': update_scale must be a bool or None, got {update!r}")
     free_scale = spec.symmetric or (update if update is not None else spec.zero_point != "float")
     compiled = fused.should_compile(grid, blocks.device, blocks.numel() * max(1, iterations))
     for _ in range(iterations):

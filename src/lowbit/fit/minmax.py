@@ -31,7 +31,7 @@ def fit_minmax(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     return scale, zero
 
 
-@register_fit("absmax")
+@register_fit("absmax", two_sided=True)
 def fit_absmax(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     """Symmetric: ``scale = max|x| / (vmax - centre)``, zero at the grid's centre.
 

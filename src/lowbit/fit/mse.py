@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from lowbit.fit.registry import fit_options, register_fit
+from lowbit.fit.registry import fit_options, float_option, int_option, register_fit
 from lowbit.fit.search import (
     range_search,
     refine,
@@ -14,19 +14,17 @@ from lowbit.fit.search import (
 from lowbit.grids import Grid
 from lowbit.spec import QuantSpec
 
-MSE_DEFAULTS = {"candidates": 100, "min_ratio": 0.2, "offsets": 5, "refits": 1}
+# The settings every window search shares (``entropy`` declares them too).
+CANDIDATES = int_option(100, 1, 10_000)
+MIN_RATIO = float_option(0.2, 0.0, 1.0, low_open=True)
+OFFSETS = int_option(5, 1, 100)
 
-
-def check_search_options(opts: dict, fit: str) -> None:
-    """Raise ``ValueError`` naming the option if a search setting is out of range."""
-    if not 1 <= int(opts["candidates"]) <= 10_000:
-        raise ValueError(f"fit {fit!r}: candidates must be in 1..10000, got {opts['candidates']}")
-    if not 0.0 < float(opts["min_ratio"]) <= 1.0:
-        raise ValueError(f"fit {fit!r}: min_ratio must be in (0, 1], got {opts['min_ratio']}")
-    if not 1 <= int(opts.get("offsets", 1)) <= 100:
-        raise ValueError(f"fit {fit!r}: offsets must be in 1..100, got {opts['offsets']}")
-    if int(opts.get("refits", 0)) < 0:
-        raise ValueError(f"fit {fit!r}: refits must be >= 0, got {opts['refits']}")
+MSE_OPTIONS = {
+    "candidates": CANDIDATES,
+    "min_ratio": MIN_RATIO,
+    "offsets": OFFSETS,
+    "refits": int_option(1, 0),
+}
 
 
 def ratio_grid(candidates: int, offsets: int, low: float, high: float = 1.0) -> torch.Tensor:
@@ -37,7 +35,7 @@ def ratio_grid(candidates: int, offsets: int, low: float, high: float = 1.0) -> 
     return torch.linspace(high, low, count)
 
 
-@register_fit("mse", MSE_DEFAULTS)
+@register_fit("mse", MSE_OPTIONS, uses_importance=True)
 def fit_mse(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     """Least squared error over ``candidates`` shrunken ranges, then least-squares refits.
 
@@ -54,7 +52,6 @@ def fit_mse(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     ``refits`` (1).
     """
     opts = fit_options(spec)
-    check_search_options(opts, "mse")
     offsets = 1 if spec.symmetric else int(opts["offsets"])
     ratios = ratio_grid(int(opts["candidates"]), offsets, float(opts["min_ratio"]))
     fitted = range_search(blocks, weights, grid, spec, ratios, offsets)

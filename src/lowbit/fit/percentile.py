@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from lowbit.fit.minmax import fit_absmax, fit_minmax
-from lowbit.fit.registry import fit_options, register_fit
+from lowbit.fit.registry import fit_options, float_option, register_fit
 from lowbit.grids import Grid
 from lowbit.spec import QuantSpec
 
 
-@register_fit("percentile", {"percentile": 99.9})
+@register_fit("percentile", {"percentile": float_option(99.9, 50.0, 100.0, low_open=True)})
 def fit_percentile(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=None):
     """``minmax``/``absmax`` on the block clipped to its ``percentile`` range.
 
@@ -21,8 +21,6 @@ def fit_percentile(blocks: torch.Tensor, grid: Grid, spec: QuantSpec, weights=No
     Options: ``percentile`` (99.9, in (50, 100]).
     """
     q = float(fit_options(spec)["percentile"])
-    if not 50.0 < q <= 100.0:
-        raise ValueError(f"fit 'percentile': percentile must be in (50, 100], got {q}")
     bad = ~torch.isfinite(blocks).all(dim=-1)  # a quantile can step over a lone Inf
     if spec.symmetric:
         high = quantile(blocks.abs(), q / 100.0).unsqueeze(-1)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.dtypes import FLOAT_DTYPES
 from lowbit.fit import fit_options, get_fit
 from lowbit.grids import get_grid
 from lowbit.packing import pack
 from lowbit.rotation import pack_signs, random_signs, rotate
 from lowbit.spec import QuantSpec
 from lowbit.storage import stored_params
-from lowbit.tensor import FLOAT_DTYPES, BlockLayout, QuantizedTensor
+from lowbit.tensor import BlockLayout, QuantizedTensor
 
 # Rows are processed in chunks of about this many weights, so the float32 working copy stays
 # bounded (a 128k x 8k embedding would otherwise need a 4 GB temporary).

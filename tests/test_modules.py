@@ -202,6 +202,17 @@ def test_names_of_one_module_given_the_same_replacement_are_fine():
     assert model[0] is new and model[1] is new
 
 
+def test_every_name_false_replaces_the_given_names_only():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, shared, shared)
+    a, b = nn.Identity(), nn.Tanh()
+    replace_modules(model, {"0": a, "2": b}, every_name=False)
+    assert model[0] is a and model[1] is shared and model[2] is b
+    with pytest.raises(ValueError, match=r"no module named '7'"):
+        replace_modules(model, {"1": a, "7": b}, every_name=False)
+    assert model[1] is shared
+
+
 @pytest.mark.parametrize(
     "replacements, error, match",
     [

@@ -126,6 +126,7 @@ def replace_modules(
     replacements: Mapping[str, nn.Module],
     *,
     skip: Callable[[str], bool] | None = None,
+    every_name: bool = True,
 ) -> None:
     """Swap submodules of ``model`` in place: ``{name: new module}``.
 
@@ -139,11 +140,15 @@ def replace_modules(
             the same module) -> the module to put there.
         skip: names under which a shared module is left as it is (``skip(name)`` true), even
             though it is replaced under its other names.
+        every_name: replace a shared module under all its names (default). ``False``: under
+            the given names only, each by its own replacement (a checkpoint's manifest lists
+            every name a saved layer had, whatever the model being loaded into shares).
 
     Raises:
         TypeError: a name is not a str, or a replacement is not an ``nn.Module``.
         ValueError: a name is empty (the model itself cannot be replaced in place) or names no
-            module of ``model``, or two names of one shared module get different modules.
+            module of ``model``; with ``every_name``, two names of one shared module get
+            different modules.
     """
     targets: dict[int, nn.Module] = {}
     for name, new in replacements.items():
@@ -152,11 +157,15 @@ def replace_modules(
             raise TypeError(
                 f"replacement for {name!r} must be an nn.Module, got {type(new).__name__}"
             )
-        if targets.get(id(original), new) is not new:
+        if every_name and targets.get(id(original), new) is not new:
             raise ValueError(
                 f"module {name!r} is shared with another name given a different replacement"
             )
         targets[id(original)] = new
+    if not every_name:
+        for name, new in replacements.items():
+            set_submodule(model, name, new)
+        return
     # All names are listed before the first swap, which changes what the walk would find.
     names = _all_names(model)
     for key, new in targets.items():

@@ -332,9 +332,11 @@ def load(directory: str | os.PathLike, model: nn.Module, *, verify: bool = True)
     # does not fit leaves the skeleton unchanged.
     also_at = {name: list(entry.also_at) for name, entry in manifest.layers.items()}
     _check_fit(model, new_layers, state, tensors_path, also_at)
+    # Exactly the names the manifest lists: it records how the saved model shared its layers.
     replace_modules(
         model,
         {path: new_layers[name] for name, paths in also_at.items() for path in [name, *paths]},
+        every_name=False,
     )
     try:
         result = model.load_state_dict(state, strict=False, assign=True)

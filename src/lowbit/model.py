@@ -435,7 +435,9 @@ def _select(
     return specs, skip
 
 
-def _kept_reason(name: str, weight: torch.Tensor, tied: dict[str, str], quantize_tied: bool):
+def _kept_reason(
+    name: str, weight: torch.Tensor, tied: dict[str, str], quantize_tied: bool
+) -> str | None:
     """Why a layer the rules select stays float anyway (tied, empty), or None."""
     if not quantize_tied and tied.get(name):
         return f"tied to {tied[name]}"
@@ -539,7 +541,9 @@ class _Done:
         return len(bits) > 1 and max(bits) - min(bits) > 1e-9
 
 
-def _quantize_layers(layers: list[_Layer], importance, choose, layer_kwargs, progress):
+def _quantize_layers(
+    layers: list[_Layer], importance, choose, layer_kwargs, progress
+) -> list[_Done]:
     """Quantize every planned layer (best candidate kept); nothing is swapped here."""
     return [
         _quantize_layer(layer, importance.get(layer.name), choose, layer_kwargs)

@@ -23,8 +23,8 @@ import lowbit
 from lowbit.calibrate import calibration_batches, input_importance
 from lowbit.eval import eval_tokens, perplexity
 from lowbit.io.hf import load_pretrained
-from lowbit.model import linear_weight
 from lowbit.models import smollm2_dir
+from lowbit.modules import linear_weight
 
 GROUP = 64
 

@@ -15,7 +15,7 @@ from importlib import resources
 import torch
 from torch import nn
 
-from lowbit.model import linear_weight
+from lowbit.modules import linear_weight
 from lowbit.progress import bar
 
 

@@ -1,27 +1,36 @@
-"""`quantize_model`: replace the `nn.Linear` layers of any model by `QuantLinear`, by name rules."""
+"""`quantize_model`: replace the `nn.Linear` layers of any model by `QuantLinear`, by name rules.
+
+`quantize_model` runs in named steps: check the arguments and rules (`check_rules`), plan which
+layer gets which candidate specs and why the others are kept (`_plan`), quantize every selected
+layer and compare its candidates (`_quantize_layers`), swap them all at once
+(`lowbit.modules.replace_modules`), and finish the `Report`. Finding layers and matching names
+is `lowbit.modules`' job; its names stay importable from here.
+"""
 
 from __future__ import annotations
 
-import fnmatch
-import functools
 import math
-import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from lowbit.dtypes import FLOAT_DTYPES
 from lowbit.fit import fit_options, get_fit
 from lowbit.grids import get_grid
+from lowbit.modules import check_pattern as check_pattern
+from lowbit.modules import linear_weight as linear_weight
+from lowbit.modules import match_pattern as match_pattern
+from lowbit.modules import replace_modules, tied_owners
+from lowbit.modules import set_submodule as set_submodule
 from lowbit.nn import QuantLinear
 from lowbit.progress import bar
 from lowbit.quantize import quantize
 from lowbit.report import LayerReport, Report
 from lowbit.rotation import hadamard_block
 from lowbit.spec import QuantSpec
-from lowbit.tensor import FLOAT_DTYPES
 
 # Below this block size a Hadamard rotation mixes too few inputs to spread outliers.
 MIN_USEFUL_HADAMARD = 16
@@ -36,48 +45,6 @@ CHOICE_RULES = ("error", "size_adjusted")
 LAYER_KWARGS = ("kernel", "cache_dequantized")
 
 Rules = QuantSpec | Mapping[str, "QuantSpec | None | Sequence[QuantSpec]"]
-
-
-@functools.lru_cache(maxsize=1024)
-def _compiled(pattern: str) -> re.Pattern:
-    """``pattern`` (glob or ``re:<regex>``) as a compiled regex matched against whole names."""
-    if pattern.startswith("re:"):
-        source = pattern[3:]
-        if not source:
-            raise ValueError("pattern 're:' has an empty regular expression")
-        try:
-            return re.compile(source)
-        except re.error as err:
-            raise ValueError(
-                f"pattern {pattern!r} is not a valid regular expression: {err}"
-            ) from None
-    if not pattern:
-        raise ValueError("empty name pattern (it would match only the model itself)")
-    # A glob never fails to compile: fnmatch treats an unclosed '[' as a literal.
-    return re.compile(fnmatch.translate(pattern))
-
-
-def check_pattern(pattern: str, what: str = "pattern") -> None:
-    """Raise unless ``pattern`` is a usable name pattern (a non-empty glob or ``re:<regex>``
-    whose regex compiles); ``what`` names it in the message (``"exclude pattern"``, say)."""
-    if not isinstance(pattern, str):
-        raise TypeError(f"{what} must be a str (a glob or 're:<regex>'), got {pattern!r}")
-    try:
-        _compiled(pattern)
-    except ValueError as err:
-        raise ValueError(f"{what} {pattern!r}: {err}") from None
-
-
-def match_pattern(pattern: str, name: str) -> bool:
-    """Whether module ``name`` matches ``pattern``: a glob (``*.mlp.*``) or ``re:<regex>``.
-
-    Both match the whole name. Raises ``ValueError`` naming ``pattern`` if it is empty or its
-    regex does not compile, ``TypeError`` if either argument is not a str.
-    """
-    if not isinstance(pattern, str) or not isinstance(name, str):
-        raise TypeError(f"pattern and name must be str, got {pattern!r} and {name!r}")
-    check_pattern(pattern)
-    return _compiled(pattern).fullmatch(name) is not None
 
 
 def _check_spec(spec: QuantSpec, where: str) -> None:
@@ -175,40 +142,6 @@ def resolve_specs(name: str, rules: Rules) -> tuple[tuple[QuantSpec, ...], str |
                 return (), f"rule {pattern!r}", pattern
             return specs, None, pattern
     return (), "no rule", None
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor | None:
-    """The ``[out, in]`` weight of a layer computing ``x @ W.T + b``, or None.
-
-    Plain `nn.Linear`, and Hugging Face's ``Conv1D`` (GPT-2 family; it stores ``W.T``). Subclasses
-    of `nn.Linear` are not taken: their forward may use ``.weight`` directly.
-    """
-    if type(module) is nn.Linear:
-        return module.weight
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return module.weight.t()
-    return None
-
-
-def _tied_owners(model: nn.Module) -> dict[str, str]:
-    """For each linear layer whose weight storage a module that stays float (an embedding, say)
-    also holds: that module's name. Linear layers sharing a weight are quantized together."""
-    owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        if linear_weight(module) is not None:
-            continue
-        for param in module.parameters(recurse=False):
-            if param.device.type != "meta":
-                owners.setdefault(param.untyped_storage().data_ptr(), []).append(name)
-    tied = {}
-    for name, module in model.named_modules():
-        weight = linear_weight(module)
-        if weight is None or weight.device.type == "meta":
-            continue
-        others = [o for o in owners.get(weight.untyped_storage().data_ptr(), []) if o != name]
-        if others:
-            tied[name] = others[0]
-    return tied
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -321,10 +254,80 @@ def quantize_model(
             last group is partial. Layers with no weights (0 in or out features) are kept as
             they are.)
     """
+    exclude, quiet, importance = _check_arguments(
+        model,
+        rules,
+        exclude,
+        progress=progress,
+        quantize_tied=quantize_tied,
+        importance=importance,
+        choose=choose,
+        quiet_patterns=quiet_patterns,
+        layer_kwargs=layer_kwargs,
+    )
+    start = time.perf_counter()
+    report = Report(
+        parameters=sum(p.numel() for p in model.parameters()), bytes_before=model_bytes(model)
+    )
+    plan = _plan(model, rules, exclude, importance, quantize_tied)
+    _check_layers(plan.layers, importance)
+    _refuse_all_already_quantized(plan)
+    report.layers = list(plan.kept)
+    report.warnings = _plan_warnings(model, rules, exclude, quiet, importance, plan)
+
+    # Quantize everything first and swap afterwards, so an error leaves the model untouched.
+    done = _quantize_layers(plan.layers, importance, choose, layer_kwargs, progress)
+    report.layers += [d.row for d in done]
+    mixed_sizes = [(d.name, d.tried, d.best) for d in done if d.mixed_sizes]
+    if mixed_sizes:
+        report.warnings.append(_mixed_sizes_warning(mixed_sizes, choose))
+    # A module registered under several names (reused) is replaced under all of them.
+    replace_modules(model, {d.name: d.layer for d in done})
+    _finish_report(report, model, start)
+    return report
+
+
+# --- checking the arguments -------------------------------------------------------------------
+
+
+def _check_arguments(
+    model,
+    rules: Rules,
+    exclude,
+    *,
+    progress,
+    quantize_tied,
+    importance,
+    choose,
+    quiet_patterns,
+    layer_kwargs,
+) -> tuple[list[str], set[str], dict[str, torch.Tensor]]:
+    """Every check of `quantize_model`'s arguments that needs no layer's weights, in the order
+    the errors are documented; returns (exclude patterns, quiet patterns, importance dict)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_rules(rules, ())
     exclude = _exclude_list(exclude)
+    quiet = _quiet_set(quiet_patterns)
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
+    if not isinstance(quantize_tied, bool):
+        raise TypeError(f"quantize_tied must be a bool, got {quantize_tied!r}")
+    if choose not in CHOICE_RULES:
+        raise ValueError(f"choose must be one of {CHOICE_RULES}, got {choose!r}")
+    _check_layer_kwargs(layer_kwargs)
+    importance = _importance_dict(importance)
+    if linear_weight(model) is not None:
+        raise ValueError(
+            f"model is itself a {type(model).__name__} layer: quantize_model replaces layers "
+            "inside a model and cannot replace the object you hold; use "
+            "QuantLinear.from_linear(model, spec), or wrap it (nn.Sequential(model))"
+        )
+    return exclude, quiet, importance
+
+
+def _quiet_set(quiet_patterns) -> set[str]:
+    """``quiet_patterns`` as a set of str (one str is one pattern)."""
     if isinstance(quiet_patterns, str):
         quiet_patterns = [quiet_patterns]
     if not isinstance(quiet_patterns, Iterable):
@@ -332,12 +335,11 @@ def quantize_model(
     quiet = set(quiet_patterns)
     if not all(isinstance(p, str) for p in quiet):
         raise TypeError(f"quiet_patterns must be a list of str, got {sorted(quiet, key=str)!r}")
-    if progress is not None and not isinstance(progress, bool):
-        raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
-    if not isinstance(quantize_tied, bool):
-        raise TypeError(f"quantize_tied must be a bool, got {quantize_tied!r}")
-    if choose not in CHOICE_RULES:
-        raise ValueError(f"choose must be one of {CHOICE_RULES}, got {choose!r}")
+    return quiet
+
+
+def _check_layer_kwargs(layer_kwargs: dict) -> None:
+    """Refuse keyword arguments `QuantLinear` does not take, or values it refuses."""
     unknown = sorted(set(layer_kwargs) - set(LAYER_KWARGS))
     if unknown:
         raise TypeError(
@@ -346,6 +348,10 @@ def quantize_model(
         )
     # The constructor's own checks of kernel / cache_dequantized, on a throwaway meta layer.
     QuantLinear(1, 1, False, device="meta", **layer_kwargs)
+
+
+def _importance_dict(importance) -> dict[str, torch.Tensor]:
+    """``importance`` as a dict of layer name -> tensor (``None``: empty); TypeError if not."""
     if importance is None:
         importance = {}
     if not isinstance(importance, Mapping):
@@ -359,97 +365,147 @@ def quantize_model(
                 f"importance must map layer names (str) to tensors, got {key!r}: "
                 f"{type(value).__name__}"
             )
-    if linear_weight(model) is not None:
-        raise ValueError(
-            f"model is itself a {type(model).__name__} layer: quantize_model replaces layers "
-            "inside a model and cannot replace the object you hold; use "
-            "QuantLinear.from_linear(model, spec), or wrap it (nn.Sequential(model))"
-        )
+    return importance
 
-    start = time.perf_counter()
-    report = Report(
-        parameters=sum(p.numel() for p in model.parameters()), bytes_before=model_bytes(model)
-    )
-    tied = _tied_owners(model)
-    used_patterns: set[str] = set()
-    rotation_notes: list[str] = []
-    already: list[str] = []  # QuantLinear layers the rules select
-    plan: list[tuple[str, nn.Module, torch.Tensor, tuple[QuantSpec, ...]]] = []
+
+# --- planning ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Layer:
+    """A layer selected for quantization: its module, ``[out, in]`` weight and candidates."""
+
+    name: str
+    module: nn.Module
+    weight: torch.Tensor
+    specs: tuple[QuantSpec, ...]
+
+
+@dataclass
+class _Plan:
+    """What `quantize_model` will do, decided before any weight is quantized."""
+
+    layers: list[_Layer] = field(default_factory=list)
+    kept: list[LayerReport] = field(default_factory=list)  # rows of layers left as they are
+    used_patterns: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)  # rotation that does little or drops importance
+    already: list[str] = field(default_factory=list)  # QuantLinear layers the rules select
+
+
+def _plan(model: nn.Module, rules: Rules, exclude: list[str], importance, quantize_tied) -> _Plan:
+    """Walk ``model``'s layers: which get which candidate specs, and why the others are kept."""
+    plan = _Plan()
+    tied = tied_owners(model)
     for name, module in model.named_modules():
         weight = linear_weight(module)
         if weight is None and not isinstance(module, QuantLinear):
             if isinstance(module, nn.Linear):  # a subclass: it may read .weight itself
-                report.layers.append(
-                    LayerReport(
-                        name,
-                        tuple(module.weight.shape),
-                        None,
-                        _float_bits(module),
-                        skipped=f"{type(module).__name__} (nn.Linear subclass)",
-                    )
-                )
+                plan.kept.append(_subclass_row(name, module))
             continue
-        skip = None
-        specs: tuple[QuantSpec, ...] = ()
-        matched = [p for p in exclude if match_pattern(p, name)]
-        used_patterns.update(matched)
-        if matched:
-            skip = "excluded"
-        else:
-            specs, skip, pattern = resolve_specs(name, rules)
-            if pattern is not None:
-                used_patterns.add(pattern)
+        specs, skip = _select(name, rules, exclude, plan.used_patterns)
         if isinstance(module, QuantLinear):
             if skip is None:
-                already.append(name)
-            report.layers.append(
-                LayerReport(
-                    name,
-                    (module.out_features, module.in_features),
-                    None,
-                    module.quantized_weight.bits_per_weight,
-                    skipped=f"already quantized ({module.spec.label})",
-                )
+                plan.already.append(name)
+            plan.kept.append(_already_quantized_row(name, module))
+            continue
+        if skip is None:
+            skip = _kept_reason(name, weight, tied, quantize_tied)
+        if skip is not None:
+            plan.kept.append(
+                LayerReport(name, tuple(weight.shape), None, _float_bits(module), skipped=skip)
             )
             continue
-        shape = tuple(weight.shape)
-        if skip is None and not quantize_tied and tied.get(name):
-            skip = f"tied to {tied[name]}"
-        if skip is None and weight.numel() == 0:
-            # Nothing to store: a 0-bit row would only drag the report's averages.
-            skip = "empty (no weights)"
-        if skip is not None:
-            report.layers.append(LayerReport(name, shape, None, _float_bits(module), skipped=skip))
-            continue
-        for spec in specs:
-            if spec.rotation and name in importance:
-                rotation_notes.append(
-                    f"layer {name!r}: importance is not used with rotation (the rotated weights "
-                    f"mix input features)"
-                )
-            if spec.rotation and hadamard_block(shape[1]) < MIN_USEFUL_HADAMARD:
-                rotation_notes.append(
-                    f"layer {name!r}: in_features {shape[1]} allows Hadamard blocks of only "
-                    f"{hadamard_block(shape[1])}; the rotation does little there"
-                )
-        plan.append((name, module, weight, specs))
+        plan.notes += _rotation_notes(name, tuple(weight.shape), specs, importance)
+        plan.layers.append(_Layer(name, module, weight, specs))
+    return plan
 
-    _check_layers(plan, importance)
-    if not plan and already:
-        shown = ", ".join(repr(n) for n in already[:3]) + (", ..." if len(already) > 3 else "")
-        raise ValueError(
-            f"already quantized: {len(already)} QuantLinear layers the rules select ({shown}) "
-            "and no float layer left to quantize. Quantizing again would compound the rounding "
-            "error: load the float model to quantize it with other specs"
-        )
 
+def _select(
+    name: str, rules: Rules, exclude: list[str], used: set[str]
+) -> tuple[tuple[QuantSpec, ...], str | None]:
+    """(candidate specs, reason kept float) for layer ``name``; adds the patterns that matched
+    to ``used``."""
+    matched = [p for p in exclude if match_pattern(p, name)]
+    used.update(matched)
+    if matched:
+        return (), "excluded"
+    specs, skip, pattern = resolve_specs(name, rules)
+    if pattern is not None:
+        used.add(pattern)
+    return specs, skip
+
+
+def _kept_reason(
+    name: str, weight: torch.Tensor, tied: dict[str, str], quantize_tied: bool
+) -> str | None:
+    """Why a layer the rules select stays float anyway (tied, empty), or None."""
+    if not quantize_tied and tied.get(name):
+        return f"tied to {tied[name]}"
+    if weight.numel() == 0:
+        # Nothing to store: a 0-bit row would only drag the report's averages.
+        return "empty (no weights)"
+    return None
+
+
+def _subclass_row(name: str, module: nn.Linear) -> LayerReport:
+    return LayerReport(
+        name,
+        tuple(module.weight.shape),
+        None,
+        _float_bits(module),
+        skipped=f"{type(module).__name__} (nn.Linear subclass)",
+    )
+
+
+def _already_quantized_row(name: str, module: QuantLinear) -> LayerReport:
+    return LayerReport(
+        name,
+        (module.out_features, module.in_features),
+        None,
+        module.quantized_weight.bits_per_weight,
+        skipped=f"already quantized ({module.spec.label})",
+    )
+
+
+def _rotation_notes(name: str, shape: tuple[int, ...], specs, importance) -> list[str]:
+    """Warnings for rotated candidates of layer ``name`` (weight ``shape`` ``(out, in)``)."""
+    notes = []
+    for spec in specs:
+        if spec.rotation and name in importance:
+            notes.append(
+                f"layer {name!r}: importance is not used with rotation (the rotated weights "
+                f"mix input features)"
+            )
+        if spec.rotation and hadamard_block(shape[1]) < MIN_USEFUL_HADAMARD:
+            notes.append(
+                f"layer {name!r}: in_features {shape[1]} allows Hadamard blocks of only "
+                f"{hadamard_block(shape[1])}; the rotation does little there"
+            )
+    return notes
+
+
+def _refuse_all_already_quantized(plan: _Plan) -> None:
+    """Quantizing only QuantLinear layers again is an error, not an empty report."""
+    if plan.layers or not plan.already:
+        return
+    already = plan.already
+    shown = ", ".join(repr(n) for n in already[:3]) + (", ..." if len(already) > 3 else "")
+    raise ValueError(
+        f"already quantized: {len(already)} QuantLinear layers the rules select ({shown}) "
+        "and no float layer left to quantize. Quantizing again would compound the rounding "
+        "error: load the float model to quantize it with other specs"
+    )
+
+
+def _plan_warnings(model, rules: Rules, exclude, quiet, importance, plan: _Plan) -> list[str]:
+    """Patterns that matched nothing, rotation notes, and importance for no linear layer."""
     patterns = list(exclude) + (list(rules) if isinstance(rules, Mapping) else [])
-    report.warnings = [
+    warnings = [
         f"pattern {p!r} matched no layer"
         for p in dict.fromkeys(patterns)
-        if p not in used_patterns and p not in quiet
+        if p not in plan.used_patterns and p not in quiet
     ]
-    report.warnings += list(dict.fromkeys(rotation_notes))
+    warnings += list(dict.fromkeys(plan.notes))
     # Importance for a layer kept float by a rule or exclude is expected (calibration measures
     # every layer); a name that is no linear layer at all is a mistake worth a warning.
     linear_names = {
@@ -457,95 +513,127 @@ def quantize_model(
         for name, module in model.named_modules()
         if isinstance(module, (nn.Linear, QuantLinear)) or linear_weight(module) is not None
     }
-    report.warnings += [
+    warnings += [
         f"importance for {name!r} is unused: the model has no Linear layer of that name"
         for name in importance
         if name not in linear_names
     ]
+    return warnings
 
-    # Quantize everything first and swap afterwards, so an error leaves the model untouched.
-    replacements: list[tuple[str, QuantLinear]] = []
-    mixed_sizes: list[tuple[str, list[_Tried], _Tried]] = []
-    for name, module, weight, specs in bar(plan, "quantizing", unit="layer", progress=progress):
-        weight = weight.detach()
-        weights = importance.get(name)
-        best_qt, best, best_key, tried = None, None, None, []
-        for index, spec in enumerate(specs):
-            qt = quantize(
-                weight,
-                spec,
-                name=f"layer {name!r}",
-                importance=weights if not spec.rotation else None,
-            )
-            restored = qt.dequantize(torch.float32)
-            rel, sqnr = weight_error(weight, restored)
-            weighted = None
-            if weights is not None and len(specs) > 1:
-                weighted = weight_error(weight, restored, importance=weights)[0]
-            del restored
-            row = _Tried(qt.spec.label, qt.bits_per_weight, rel, sqnr, weighted)
-            tried.append(row)
-            key = (_choice_score(row, choose), row.bits, index)
-            if best_key is None or key < best_key:
-                best_qt, best, best_key = qt, row, key
-        qt = best_qt
-        choice = candidates = None
-        if len(specs) > 1:
-            candidates = [
-                {
-                    "spec": t.label,
-                    "bits_per_weight": t.bits,
-                    "rel_error": t.rel,
-                    "weighted_error": t.weighted,
-                }
-                for t in tried
-            ]
-            choice = _choice_text(tried, best, choose)
-            if max(t.bits for t in tried) - min(t.bits for t in tried) > 1e-9:
-                mixed_sizes.append((name, tried, best))
-        bias = None if module.bias is None else module.bias.detach()
-        layer = QuantLinear.from_quantized(qt, bias, **layer_kwargs)
-        if bias is not None:
-            layer.bias.requires_grad_(module.bias.requires_grad)
-        report.layers.append(
-            LayerReport(
-                name,
-                tuple(weight.shape),
-                qt.spec.label,
-                qt.bits_per_weight,
-                best.rel,
-                best.sqnr,
-                config=qt.spec.to_dict(),
-                code_entropy=qt.code_entropy(),
-                choice=choice,
-                candidates=candidates,
-            )
+
+# --- quantizing -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Done:
+    """A quantized layer, not yet swapped in: the new layer, its report row, its candidates."""
+
+    name: str
+    layer: QuantLinear
+    row: LayerReport
+    tried: list[_Tried]
+    best: _Tried
+
+    @property
+    def mixed_sizes(self) -> bool:
+        """Whether the candidates differed in stored bits/weight."""
+        bits = [t.bits for t in self.tried]
+        return len(bits) > 1 and max(bits) - min(bits) > 1e-9
+
+
+def _quantize_layers(
+    layers: list[_Layer], importance, choose, layer_kwargs, progress
+) -> list[_Done]:
+    """Quantize every planned layer (best candidate kept); nothing is swapped here."""
+    return [
+        _quantize_layer(layer, importance.get(layer.name), choose, layer_kwargs)
+        for layer in bar(layers, "quantizing", unit="layer", progress=progress)
+    ]
+
+
+def _quantize_layer(planned: _Layer, weights, choose: str, layer_kwargs) -> _Done:
+    """Quantize one layer with each candidate spec and build its `QuantLinear` from the best.
+
+    ``weights``: the layer's importance (``[in]`` or ``[out, in]``) or None.
+    """
+    name, module, weight = planned.name, planned.module, planned.weight.detach()
+    qt, best, tried = _best_candidate(name, weight, planned.specs, weights, choose)
+    choice = candidates = None
+    if len(tried) > 1:
+        candidates = [
+            {
+                "spec": t.label,
+                "bits_per_weight": t.bits,
+                "rel_error": t.rel,
+                "weighted_error": t.weighted,
+            }
+            for t in tried
+        ]
+        choice = _choice_text(tried, best, choose)
+    bias = None if module.bias is None else module.bias.detach()
+    layer = QuantLinear.from_quantized(qt, bias, **layer_kwargs)
+    if bias is not None:
+        layer.bias.requires_grad_(module.bias.requires_grad)
+    row = LayerReport(
+        name,
+        tuple(weight.shape),
+        qt.spec.label,
+        qt.bits_per_weight,
+        best.rel,
+        best.sqnr,
+        config=qt.spec.to_dict(),
+        code_entropy=qt.code_entropy(),
+        choice=choice,
+        candidates=candidates,
+    )
+    return _Done(name, layer, row, tried, best)
+
+
+def _best_candidate(name: str, weight: torch.Tensor, specs, weights, choose: str):
+    """(QuantizedTensor, its measures, every candidate's measures) of the chosen spec.
+
+    Ties go to the smaller, then the earlier candidate.
+    """
+    best_qt, best, best_key, tried = None, None, None, []
+    for index, spec in enumerate(specs):
+        qt = quantize(
+            weight,
+            spec,
+            name=f"layer {name!r}",
+            importance=weights if not spec.rotation else None,
         )
-        replacements.append((name, layer))
-    if mixed_sizes:
-        report.warnings.append(_mixed_sizes_warning(mixed_sizes, choose))
-    # A module registered under several names (reused) is replaced under all of them.
-    paths: dict[int, list[str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        paths.setdefault(id(module), []).append(path)
-    originals = {name: module for name, module, _, _ in plan}
-    for name, layer in replacements:
-        for path in paths[id(originals[name])]:
-            set_submodule(model, path, layer)
+        restored = qt.dequantize(torch.float32)
+        rel, sqnr = weight_error(weight, restored)
+        weighted = None
+        if weights is not None and len(specs) > 1:
+            weighted = weight_error(weight, restored, importance=weights)[0]
+        del restored
+        row = _Tried(qt.spec.label, qt.bits_per_weight, rel, sqnr, weighted)
+        tried.append(row)
+        key = (_choice_score(row, choose), row.bits, index)
+        if best_key is None or key < best_key:
+            best_qt, best, best_key = qt, row, key
+    return best_qt, best, tried
+
+
+# --- the report (after the swap) --------------------------------------------------------------
+
+
+def _finish_report(report: Report, model: nn.Module, start: float) -> None:
+    """Rows in the model's order, the size after the swap, and the time taken."""
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report.layers.sort(key=lambda r: order.get(r.name, len(order)))
     report.bytes_after = model_bytes(model)
     report.seconds = time.perf_counter() - start
-    return report
 
 
-def _check_layers(plan, importance: dict[str, torch.Tensor]) -> None:
+def _check_layers(layers: list[_Layer], importance: dict[str, torch.Tensor]) -> None:
     """Refuse, before anything is quantized, the selected layers that cannot be: weights on the
     meta device, of a non-float dtype, or holding NaN/Inf, and malformed importance."""
     meta = [
-        name
-        for name, module, weight, _ in plan
-        if weight.is_meta or (module.bias is not None and module.bias.is_meta)
+        layer.name
+        for layer in layers
+        if layer.weight.is_meta or (layer.module.bias is not None and layer.module.bias.is_meta)
     ]
     if meta:
         shown = ", ".join(repr(n) for n in meta[:5]) + (
@@ -556,17 +644,18 @@ def _check_layers(plan, importance: dict[str, torch.Tensor]) -> None:
             "device (no data, e.g. built under accelerate.init_empty_weights()): load real "
             "weights first (from_pretrained, or load_state_dict(..., assign=True))"
         )
-    for name, _, weight, _ in plan:
-        if weight.dtype not in FLOAT_DTYPES.values():
+    for layer in layers:
+        if layer.weight.dtype not in FLOAT_DTYPES.values():
             raise TypeError(
-                f"layer {name!r}: weight must be float32, float16 or bfloat16, got {weight.dtype}"
+                f"layer {layer.name!r}: weight must be float32, float16 or bfloat16, "
+                f"got {layer.weight.dtype}"
             )
-    for name, _, weight, _ in plan:
-        if not _all_finite(weight):
-            raise ValueError(f"layer {name!r}: weight has NaN or Inf values")
-    for name, _, weight, _ in plan:
-        if name in importance:
-            _check_importance(importance[name], weight, name)
+    for layer in layers:
+        if not _all_finite(layer.weight):
+            raise ValueError(f"layer {layer.name!r}: weight has NaN or Inf values")
+    for layer in layers:
+        if layer.name in importance:
+            _check_importance(importance[layer.name], layer.weight, layer.name)
 
 
 def _all_finite(weight: torch.Tensor) -> bool:
@@ -670,15 +759,6 @@ def weight_error(
         return 0.0, float("inf")
     rel = err / ref
     return rel, -20.0 * math.log10(rel)
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name`` by ``module``."""
-    if not name:
-        raise ValueError("set_submodule cannot replace the model itself (empty name)")
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def _float_bits(module: nn.Module) -> float:

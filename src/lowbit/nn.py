@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.dtypes import FLOAT_DTYPES
 from lowbit.grids import get_grid
 from lowbit.kernels import Kernel, get_kernel, select_kernel
 from lowbit.quantize import quantize
 from lowbit.rotation import rotate, unpack_signs
 from lowbit.spec import QuantSpec
-from lowbit.tensor import FLOAT_DTYPES, BlockLayout, QuantizedTensor
+from lowbit.tensor import BlockLayout, QuantizedTensor
 
 
 class QuantLinear(nn.Module):

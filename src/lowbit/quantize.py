@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.dtypes import FLOAT_DTYPES
 from lowbit.fit import fit_options, get_fit
 from lowbit.grids import get_grid
 from lowbit.packing import pack
 from lowbit.rotation import pack_signs, random_signs, rotate
 from lowbit.rounding import Output, Problem, get_rounding
 from lowbit.spec import QuantSpec
-from lowbit.tensor import FLOAT_DTYPES, BlockLayout, QuantizedTensor
+from lowbit.tensor import BlockLayout, QuantizedTensor
 
 
 def quantize(

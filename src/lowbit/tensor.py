@@ -7,19 +7,15 @@ from dataclasses import dataclass
 
 import torch
 
+# FLOAT_DTYPES / DTYPE_NAMES live in lowbit.dtypes; re-exported for existing importers.
+from lowbit.dtypes import DTYPE_NAMES as DTYPE_NAMES
+from lowbit.dtypes import FLOAT_DTYPES as FLOAT_DTYPES
 from lowbit.entropy import code_histogram, entropy_bits
 from lowbit.grids import get_grid
 from lowbit.layouts import get_layout
 from lowbit.packing import packed_row_bytes, unpack
 from lowbit.rotation import unpack_signs, unrotate
 from lowbit.spec import QuantSpec
-
-FLOAT_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
 
 # Rows per dequantization chunk on CPU: about 1 MB of float32, so temporaries stay in cache.
 DEQUANT_CHUNK_ELEMENTS = 1 << 18

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.model import set_submodule
+from lowbit.modules import replace_modules
 from lowbit.nn import QuantLinear
 from lowbit.packing import unpack
 from lowbit.quantize import quantize
@@ -280,13 +280,9 @@ def replace_linear_with_target_and_quantize(module, target_class, module_name_to
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
         replacements.append((name, layer.to(child.weight.device)))
-    # A child registered under several names is replaced under all of them (it stays shared).
-    paths: dict[int, list[str]] = {}
-    for path, child in module.named_modules(remove_duplicate=False):
-        paths.setdefault(id(child), []).append(path)
-    originals = dict(module.named_modules())
-    for name, layer in replacements:
-        for path in paths[id(originals[name])]:
-            if path.rpartition(".")[2] not in excluded:
-                set_submodule(module, path, layer)
+    # A child registered under several names is replaced under all of them (it stays shared),
+    # except where that name is excluded.
+    replace_modules(
+        module, dict(replacements), skip=lambda path: path.rpartition(".")[2] in excluded
+    )
     return module

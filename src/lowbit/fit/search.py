@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.dtypes import FLOAT_DTYPES
 from lowbit.fit import fused
 from lowbit.fit.candidates import block_range, candidate_grid, candidate_params
 from lowbit.grids import Grid
 from lowbit.spec import QuantSpec
 from lowbit.storage import stored_params
-from lowbit.tensor import FLOAT_DTYPES
 
 # Elements per sub-chunk in the candidate loop: small enough that the few float32 temporaries
 # of one candidate stay in L2, large enough that per-call overhead stays small (measured).

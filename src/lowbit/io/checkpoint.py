@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowbit.dtypes import DTYPE_NAMES
 from lowbit.io.manifest import FORMAT_NAME, FORMAT_VERSION, Manifest, read_manifest_file
 from lowbit.io.outputs import write_text_atomic
 from lowbit.io.staging import (
@@ -39,10 +40,9 @@ from lowbit.io.staging import (
     recover,
     staged_files,
 )
-from lowbit.model import linear_weight, set_submodule
+from lowbit.modules import linear_weight, other_names, replace_modules
 from lowbit.nn import QuantLinear
 from lowbit.spec import QuantSpec
-from lowbit.tensor import DTYPE_NAMES
 
 MANIFEST = "lowbit.json"
 # Key of the layer entries in the tensors file's safetensors header.
@@ -196,10 +196,9 @@ def _layer_entries(model: nn.Module) -> dict[str, dict]:
         for name, module in model.named_modules()
         if isinstance(module, QuantLinear)
     }
-    for path, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, QuantLinear) and path not in layers:
-            first = next(n for n, m in model.named_modules() if m is module)
-            layers[first].setdefault("also_at", []).append(path)
+    for name, others in other_names(model).items():
+        if name in layers:
+            layers[name]["also_at"] = others
     return layers
 
 
@@ -340,9 +339,12 @@ def load(directory: str | os.PathLike, model: nn.Module, *, verify: bool = True)
     # does not fit leaves the skeleton unchanged.
     also_at = {name: list(entry.also_at) for name, entry in manifest.layers.items()}
     _check_fit(model, new_layers, state, tensors_path, also_at)
-    for name, layer in new_layers.items():
-        for path in [name, *manifest.layers[name].also_at]:
-            set_submodule(model, path, layer)
+    # Exactly the names the manifest lists: it records how the saved model shared its layers.
+    replace_modules(
+        model,
+        {path: new_layers[name] for name, paths in also_at.items() for path in [name, *paths]},
+        every_name=False,
+    )
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as err:

@@ -39,9 +39,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
+from lowbit.dtypes import FLOAT_DTYPES
 from lowbit.grids import get_grid
 from lowbit.spec import QuantSpec
-from lowbit.tensor import FLOAT_DTYPES
 
 FORMAT_NAME = "lowbit"
 FORMAT_VERSION = 1

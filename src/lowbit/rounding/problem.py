@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
+from lowbit.dtypes import FLOAT_DTYPES
 from lowbit.grids import Grid
 from lowbit.layouts import get_layout
 from lowbit.spec import QuantSpec
 from lowbit.storage import stored_params
-from lowbit.tensor import FLOAT_DTYPES, BlockLayout
+from lowbit.tensor import BlockLayout
 
 # Rows are processed in chunks of about this many weights, so the float32 working copy stays
 # bounded (a 128k x 8k embedding would otherwise need a 4 GB temporary).

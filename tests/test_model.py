@@ -1024,3 +1024,22 @@ def test_report_checks_max_rows_and_serialises_warnings(quantized_lm):
 def test_set_submodule_refuses_the_root():
     with pytest.raises(ValueError, match="model itself"):
         lowbit_model.set_submodule(mlp(), "", nn.ReLU())
+
+
+@pytest.mark.parametrize(
+    ("spec", "kernel"),
+    [
+        (QuantSpec(bits=4, group_size=32), "cpu_int4pack"),
+        (QuantSpec(bits=8, symmetric=True), "cpu_int8pack"),
+        (QuantSpec(bits=4, grid="nf4", group_size=32), "dequantize"),
+        (QuantSpec(bits=4, group_size=48), "dequantize"),  # partial groups: no packed kernel
+    ],
+    ids=lambda v: v.label if isinstance(v, QuantSpec) else v,
+)
+def test_the_report_names_the_kernel_each_layer_runs(spec, kernel):
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
+    report = quantize_model(model, spec, progress=False)
+    assert [row.kernel for row in report.quantized] == [kernel, kernel]
+    assert report.to_dict()["layers"][0]["kernel"] == kernel
+    assert f"  {kernel}" in report.table()
+    assert all(model[i].selected_kernel() is None or kernel != "dequantize" for i in (0, 2))

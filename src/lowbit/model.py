@@ -585,8 +585,15 @@ def _quantize_layer(planned: _Layer, weights, choose: str, layer_kwargs) -> _Don
         code_entropy=qt.code_entropy(),
         choice=choice,
         candidates=candidates,
+        kernel=_kernel_name(layer),
     )
     return _Done(name, layer, row, tried, best)
+
+
+def _kernel_name(layer: QuantLinear) -> str:
+    """The kernel a one-token forward of ``layer`` runs on its device (``"dequantize"``: none)."""
+    kernel = layer.selected_kernel()
+    return kernel.name if kernel is not None and kernel.max_tokens >= 1 else "dequantize"
 
 
 def _best_candidate(name: str, weight: torch.Tensor, specs, weights, choose: str):

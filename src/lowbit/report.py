@@ -25,6 +25,9 @@ class LayerReport:
     # ({"spec", "bits_per_weight", "rel_error", "weighted_error"}).
     choice: str | None = None
     candidates: list[dict] | None = None
+    # What a one-token forward runs on the layer's device: a packed kernel's name, or
+    # "dequantize" (restore the weight, then F.linear). Larger batches may differ.
+    kernel: str | None = None
 
     @property
     def mixed_sizes(self) -> bool:
@@ -111,7 +114,7 @@ class Report:
         """Per-layer table (worst relative error first when ``max_rows`` cuts it) + totals.
 
         A ``*`` after a spec marks a layer whose candidate specs differed in size (see its
-        ``choice``).
+        ``choice``). The kernel column is what a one-token forward runs on the layer's device.
         """
         if max_rows is not None and (
             isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0
@@ -126,7 +129,7 @@ class Report:
         width = max([len("layer")] + [len(r.name) for r in rows])
         head = (
             f"{'layer':<{width}}  {'shape':>11}  {'spec':<16} {'bits/w':>6}  "
-            f"{'rel.err':>8}  {'SQNR dB':>7}  {'H bits':>6}"
+            f"{'rel.err':>8}  {'SQNR dB':>7}  {'H bits':>6}  kernel"
         )
         lines = [head, "-" * len(head)]
         for r in rows:
@@ -140,7 +143,7 @@ class Report:
             spec = r.spec + ("*" if r.mixed_sizes else "")
             lines.append(
                 f"{r.name:<{width}}  {shape:>11}  {spec:<16} {r.bits_per_weight:>6.3f}  "
-                f"{r.rel_error:>8.5f}  {r.sqnr_db:>7.2f}  {_entropy_cell(r):>6}"
+                f"{r.rel_error:>8.5f}  {r.sqnr_db:>7.2f}  {_entropy_cell(r):>6}  {r.kernel or '-'}"
             )
         if any(r.mixed_sizes for r in rows):
             note += "  * chosen among candidate specs of different sizes (see the warnings)\n"

@@ -257,7 +257,17 @@ def _imports(path: Path) -> set[str]:
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+    tree = ast.parse(path.read_text("utf-8"))
+    # Imports under ``if TYPE_CHECKING:`` are for annotations only: no runtime edge.
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+        for inner in ast.walk(node)
+    }
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -297,3 +307,36 @@ def test_calibrate_and_fit_do_not_import_model_or_tensor():
         if name == "lowbit.calibrate" or name == "lowbit.fit" or name.startswith("lowbit.fit."):
             for banned in ("lowbit.model", "lowbit.tensor"):
                 assert not _imports_any(imported, banned), f"{name} imports {banned}"
+
+
+def _component(name: str) -> str:
+    """``lowbit.fit.search`` -> ``lowbit.fit``; the unit the layering is about."""
+    return ".".join(name.split(".")[:2])
+
+
+def test_components_import_each_other_without_cycles():
+    # A cycle between components means one of its imports points up the layering. The root
+    # package (which re-exports the public API) and ``__main__`` stand outside it.
+    graph: dict[str, set[str]] = {}
+    for name, imported in _all_imports().items():
+        source = _component(name)
+        if source in ("lowbit", "lowbit.__main__"):
+            continue
+        targets = {_component(t) for t in imported} - {source, "lowbit"}
+        graph.setdefault(source, set()).update(targets)
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert {"lowbit.spec", "lowbit.grids", "lowbit.layouts", "lowbit.rounding"} <= set(graph)

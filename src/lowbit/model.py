@@ -9,17 +9,22 @@ is `lowbit.modules`' job; its names stay importable from here.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from lowbit.choice import (
+    CHOICE_RULES,
+    Tried,
+    choice_score,
+    choice_text,
+    mixed_sizes_warning,
+)
+from lowbit.choice import weight_error as weight_error
 from lowbit.dtypes import FLOAT_DTYPES
-from lowbit.fit import fit_options, get_fit
-from lowbit.grids import get_grid
 from lowbit.modules import check_pattern as check_pattern
 from lowbit.modules import linear_weight as linear_weight
 from lowbit.modules import match_pattern as match_pattern
@@ -30,6 +35,8 @@ from lowbit.progress import bar
 from lowbit.quantize import quantize
 from lowbit.report import LayerReport, Report
 from lowbit.rotation import hadamard_block
+from lowbit.rules import Rules, exclude_list, resolve_specs
+from lowbit.rules import check_rules as check_rules
 from lowbit.spec import QuantSpec
 
 # Below this block size a Hadamard rotation mixes too few inputs to spread outliers.
@@ -38,111 +45,8 @@ MIN_USEFUL_HADAMARD = 16
 # Weights scanned per step when checking for NaN/Inf up front: bounds the boolean temporary.
 _SCAN_ELEMENTS = 1 << 22
 
-# How quantize_model picks among several candidate specs of one layer.
-CHOICE_RULES = ("error", "size_adjusted")
-
 # The keyword arguments quantize_model hands to every new QuantLinear.
 LAYER_KWARGS = ("kernel", "cache_dequantized")
-
-Rules = QuantSpec | Mapping[str, "QuantSpec | None | Sequence[QuantSpec]"]
-
-
-def _check_spec(spec: QuantSpec, where: str) -> None:
-    """Everything about ``spec`` that does not depend on a weight: grid, bits, fit, options."""
-    try:
-        get_grid(spec.grid).check_spec(spec)
-        get_fit(spec.fit)
-        fit_options(spec)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
-
-
-def _rule_specs(pattern, value) -> tuple[QuantSpec, ...] | None:
-    """A rule's value as candidate specs (``None``: keep float); TypeError if malformed."""
-    if value is None:
-        return None
-    if isinstance(value, QuantSpec):
-        return (value,)
-    if (
-        isinstance(value, (list, tuple))
-        and value
-        and all(isinstance(spec, QuantSpec) for spec in value)
-    ):
-        return tuple(value)
-    got = (
-        "an empty list"
-        if isinstance(value, (list, tuple)) and not value
-        else f"{type(value).__name__} {value!r}"[:120]
-    )
-    raise TypeError(
-        f"rules entry {pattern!r}: expected a QuantSpec, None (keep float) or a non-empty list "
-        f"of QuantSpec (candidates), got {got}"
-    )
-
-
-def _exclude_list(exclude) -> list[str]:
-    """``exclude`` as a list of checked patterns (one str is one pattern; None is none)."""
-    if exclude is None:
-        return []
-    if isinstance(exclude, str):
-        exclude = [exclude]
-    if not isinstance(exclude, Iterable) or isinstance(exclude, Mapping):
-        raise TypeError(f"exclude must be a list of name patterns, got {exclude!r}")
-    exclude = list(exclude)
-    for pattern in exclude:
-        check_pattern(pattern, "exclude pattern")
-    return exclude
-
-
-def check_rules(rules: Rules, exclude: Iterable[str] | str | None = ()) -> None:
-    """Check ``rules`` and ``exclude`` as `quantize_model` takes them, without a model.
-
-    Every pattern is compiled and every spec checked against its grid and fit, so a caller (the
-    CLI) can refuse bad options before spending time loading a model.
-
-    Raises:
-        TypeError: ``rules`` is neither a `QuantSpec` nor a mapping; a rule's key is not a str;
-            a rule's value is not a `QuantSpec`, ``None`` or a non-empty list of `QuantSpec`;
-            ``exclude`` is not a str or an iterable of str.
-        ValueError: a pattern is empty or its ``re:`` regex does not compile, or a spec does
-            not fit its grid or fit (bits out of range, unknown fit option, ...); the message
-            names the pattern.
-    """
-    if isinstance(rules, QuantSpec):
-        _check_spec(rules, "rules")
-    elif isinstance(rules, Mapping):
-        for pattern, value in rules.items():
-            if not isinstance(pattern, str):
-                raise TypeError(
-                    f"rules entry {pattern!r}: keys must be name patterns (str: a glob or "
-                    f"'re:<regex>'), got {type(pattern).__name__}"
-                )
-            check_pattern(pattern, "rules pattern")
-            for spec in _rule_specs(pattern, value) or ():
-                _check_spec(spec, f"rules entry {pattern!r} ({spec.label})")
-    else:
-        raise TypeError(
-            f"rules must be a QuantSpec or a dict of pattern -> spec, got {type(rules).__name__}"
-        )
-    _exclude_list(exclude)
-
-
-def resolve_specs(name: str, rules: Rules) -> tuple[tuple[QuantSpec, ...], str | None, str | None]:
-    """(candidate specs, reason kept float, matching pattern) for module ``name``.
-
-    The first matching rule wins; its value is a spec, ``None`` (keep float) or a list of specs
-    (candidates, see `quantize_model`'s ``choose``).
-    """
-    if isinstance(rules, QuantSpec):
-        return (rules,), None, None
-    for pattern, value in rules.items():
-        if match_pattern(pattern, name):
-            specs = _rule_specs(pattern, value)
-            if specs is None:
-                return (), f"rule {pattern!r}", pattern
-            return specs, None, pattern
-    return (), "no rule", None
-
 
 def model_bytes(model: nn.Module) -> int:
     """Bytes of all parameters and buffers of ``model``, each storage counted once."""
@@ -160,22 +64,6 @@ def model_bytes(model: nn.Module) -> int:
         seen.add(key)
         total += tensor.numel() * tensor.element_size()
     return total
-
-
-@dataclass
-class _Tried:
-    """One candidate spec of a layer, as measured."""
-
-    label: str
-    bits: float
-    rel: float
-    sqnr: float
-    weighted: float | None  # importance-weighted relative error, when importance is given
-
-    @property
-    def error(self) -> float:
-        """The error candidates are compared by."""
-        return self.rel if self.weighted is None else self.weighted
 
 
 def quantize_model(
@@ -280,7 +168,7 @@ def quantize_model(
     report.layers += [d.row for d in done]
     mixed_sizes = [(d.name, d.tried, d.best) for d in done if d.mixed_sizes]
     if mixed_sizes:
-        report.warnings.append(_mixed_sizes_warning(mixed_sizes, choose))
+        report.warnings.append(mixed_sizes_warning(mixed_sizes, choose))
     # A module registered under several names (reused) is replaced under all of them.
     replace_modules(model, {d.name: d.layer for d in done})
     _finish_report(report, model, start)
@@ -307,7 +195,7 @@ def _check_arguments(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_rules(rules, ())
-    exclude = _exclude_list(exclude)
+    exclude = exclude_list(exclude)
     quiet = _quiet_set(quiet_patterns)
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
@@ -531,8 +419,8 @@ class _Done:
     name: str
     layer: QuantLinear
     row: LayerReport
-    tried: list[_Tried]
-    best: _Tried
+    tried: list[Tried]
+    best: Tried
 
     @property
     def mixed_sizes(self) -> bool:
@@ -569,7 +457,7 @@ def _quantize_layer(planned: _Layer, weights, choose: str, layer_kwargs) -> _Don
             }
             for t in tried
         ]
-        choice = _choice_text(tried, best, choose)
+        choice = choice_text(tried, best, choose)
     bias = None if module.bias is None else module.bias.detach()
     layer = QuantLinear.from_quantized(qt, bias, **layer_kwargs)
     if bias is not None:
@@ -615,9 +503,9 @@ def _best_candidate(name: str, weight: torch.Tensor, specs, weights, choose: str
         if weights is not None and len(specs) > 1:
             weighted = weight_error(weight, restored, importance=weights)[0]
         del restored
-        row = _Tried(qt.spec.label, qt.bits_per_weight, rel, sqnr, weighted)
+        row = Tried(qt.spec.label, qt.bits_per_weight, rel, sqnr, weighted)
         tried.append(row)
-        key = (_choice_score(row, choose), row.bits, index)
+        key = (choice_score(row, choose), row.bits, index)
         if best_key is None or key < best_key:
             best_qt, best, best_key = qt, row, key
     return best_qt, best, tried
@@ -686,86 +574,6 @@ def _check_importance(weights: torch.Tensor, weight: torch.Tensor, name: str) ->
         )
     if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
         raise ValueError(f"layer {name!r}: importance must be finite and >= 0")
-
-
-def _choice_score(row: _Tried, choose: str) -> float:
-    if choose == "size_adjusted":
-        # Each stored bit is worth halving the error (6.02 dB), so compare at equal size.
-        return row.error * 2.0**row.bits
-    return row.error
-
-
-def _choice_text(tried: list[_Tried], best: _Tried, choose: str) -> str:
-    weighted = best.weighted is not None
-    metric = "importance-weighted error" if weighted else "error"
-    rule = f"smallest {metric}"
-    if choose == "size_adjusted":
-        rule = f"smallest {metric} x 2^bits/weight (size-adjusted)"
-    sizes = {round(t.bits, 9) for t in tried}
-    note = "; candidates differ in size" if len(sizes) > 1 else ""
-    listed = ", ".join(f"{t.label} {t.error:.4g} at {t.bits:.3f} b/w" for t in tried)
-    return f"{best.label}: {rule} of {len(tried)}{note} ({listed})"
-
-
-def _mixed_sizes_warning(mixed: list[tuple[str, list[_Tried], _Tried]], choose: str) -> str:
-    low = min(t.bits for _, tried, _ in mixed for t in tried)
-    high = max(t.bits for _, tried, _ in mixed for t in tried)
-    larger = sum(1 for _, tried, best in mixed if best.bits > min(t.bits for t in tried) + 1e-9)
-    text = (
-        f"candidate specs differ in stored size on {len(mixed)} layers ({low:.3f}-{high:.3f} "
-        f"bits/weight); {larger} of them kept a larger candidate than the smallest. "
-    )
-    if choose == "error":
-        return text + (
-            "choose='error' keeps the most accurate whatever it costs; "
-            "choose='size_adjusted' compares them at equal size (each bit halves the error)"
-        )
-    return text + "choose='size_adjusted' compared them at equal size (each bit halves the error)"
-
-
-def weight_error(
-    weight: torch.Tensor, restored: torch.Tensor, *, importance: torch.Tensor | None = None
-) -> tuple[float, float]:
-    """(relative error, SQNR in dB) of ``restored`` against ``weight``.
-
-    Args:
-        weight, restored: float tensors of the same shape (any dtype; compared in float32).
-        importance: optional non-negative weights of the squared error, ``weight``'s shape or
-            ``[in_features]`` of a 2-D weight: the error is then
-            ``sqrt(sum(w (weight - restored)**2) / sum(w weight**2))``; without it, the relative
-            Frobenius error.
-
-    Returns:
-        An exact restore gives ``(0.0, inf)``; an all-zero ``weight`` restored with an error
-        gives ``(inf, -inf)``.
-    """
-    for arg, value in (("weight", weight), ("restored", restored)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{arg} must be a tensor, got {type(value).__name__}")
-    if weight.shape != restored.shape:
-        raise ValueError(f"restored has shape {list(restored.shape)}, weight {list(weight.shape)}")
-    w = weight.detach().to(torch.float32)
-    diff = w - restored.detach().to(device=w.device, dtype=torch.float32)
-    if importance is None:
-        err = diff.norm().item()
-        ref = w.norm().item()
-    else:
-        imp = importance.detach().to(device=w.device, dtype=torch.float32)
-        if imp.shape != w.shape and not (w.dim() == 2 and imp.shape == (w.shape[1],)):
-            raise ValueError(
-                f"importance has shape {list(imp.shape)}; expected {list(w.shape)} or "
-                f"[{w.shape[-1] if w.dim() else 1}]"
-            )
-        err = math.sqrt(max(0.0, (imp * diff.square()).sum().item()))
-        ref = math.sqrt(max(0.0, (imp * w.square()).sum().item()))
-    if ref == 0.0:
-        return (0.0 if err == 0.0 else float("inf")), (
-            float("inf") if err == 0.0 else float("-inf")
-        )
-    if err == 0.0:
-        return 0.0, float("inf")
-    rel = err / ref
-    return rel, -20.0 * math.log10(rel)
 
 
 def _float_bits(module: nn.Module) -> float:

@@ -22,6 +22,7 @@ from typing import Protocol
 import torch
 
 from lowbit import packing
+from lowbit.registry import Registry
 
 
 class Layout(Protocol):
@@ -138,30 +139,22 @@ class Base3Layout:
         return out.copy_(self.unpack(packed, bits, out.shape[-1]))
 
 
-_LAYOUTS: dict[str, Layout] = {}
+_REGISTRY: Registry[Layout] = Registry("layout")
 
 
 def register_layout(layout: Layout) -> Layout:
     """Add ``layout`` under ``layout.name``; a second layout with the same name is an error."""
-    if not isinstance(getattr(layout, "name", None), str) or not layout.name:
-        raise TypeError(f"a layout needs a non-empty str name, got {layout!r}")
-    if layout.name in _LAYOUTS:
-        raise ValueError(f"layout {layout.name!r} is already registered")
-    _LAYOUTS[layout.name] = layout
-    return layout
+    return _REGISTRY.add(getattr(layout, "name", None), layout)
 
 
 def get_layout(name: str) -> Layout:
     """The layout registered as ``name``; an unknown name raises listing the registered ones."""
-    try:
-        return _LAYOUTS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown layout {name!r}; registered: {sorted(_LAYOUTS)}") from None
+    return _REGISTRY.get(name)
 
 
 def available_layouts() -> list[str]:
     """Names of all registered layouts."""
-    return sorted(_LAYOUTS)
+    return _REGISTRY.names()
 
 
 register_layout(DenseLayout())

@@ -6,6 +6,8 @@ from typing import Protocol
 
 import torch
 
+from lowbit.registry import Registry
+
 
 class Grid(Protocol):
     """A set of values a ``bits``-bit code can stand for, before the block's affine map.
@@ -44,7 +46,8 @@ class Grid(Protocol):
         """uint8 codes -> float32 grid values."""
 
 
-_GRIDS: dict[str, Grid] = {}
+_REGISTRY: Registry[Grid] = Registry("grid")
+_GRIDS = _REGISTRY.items
 
 
 # What a grid must declare (see `Grid`); call sites read these instead of probing.
@@ -68,20 +71,14 @@ def register_grid(grid: Grid) -> Grid:
     missing = [member for member in REQUIRED if not hasattr(grid, member)]
     if missing:
         raise TypeError(f"grid {grid!r} lacks {missing} (see lowbit.grids.Grid)")
-    if grid.name in _GRIDS:
-        raise ValueError(f"grid {grid.name!r} is already registered")
-    _GRIDS[grid.name] = grid
-    return grid
+    return _REGISTRY.add(grid.name, grid)
 
 
 def get_grid(name: str) -> Grid:
     """The grid registered as ``name``; an unknown name raises listing the registered ones."""
-    try:
-        return _GRIDS[name]
-    except KeyError:
-        raise ValueError(f"unknown grid {name!r}; registered: {sorted(_GRIDS)}") from None
+    return _REGISTRY.get(name)
 
 
 def available_grids() -> list[str]:
     """Names of all registered grids."""
-    return sorted(_GRIDS)
+    return _REGISTRY.names()

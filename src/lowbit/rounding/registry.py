@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from lowbit.registry import Registry
 from lowbit.rounding.problem import Output, Problem
 
 Rounding = Callable[[Problem, Output], None]
 
-_ROUNDINGS: dict[str, Rounding] = {}
+_REGISTRY: Registry[Rounding] = Registry("rounding")
+_ROUNDINGS = _REGISTRY.items
 
 
 def register_rounding(name: str, step: Rounding) -> Rounding:
@@ -18,24 +20,16 @@ def register_rounding(name: str, step: Rounding) -> Rounding:
     fits blocks with ``problem.fit_blocks`` when it reaches them, and may change the weights
     it has not rounded yet (error feedback) on its own float32 copy, never ``problem.matrix``.
     """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"a rounding needs a non-empty str name, got {name!r}")
     if not callable(step):
         raise TypeError(f"rounding {name!r} must be callable, got {step!r}")
-    if name in _ROUNDINGS:
-        raise ValueError(f"rounding {name!r} is already registered")
-    _ROUNDINGS[name] = step
-    return step
+    return _REGISTRY.add(name, step)
 
 
 def get_rounding(name: str) -> Rounding:
     """The step registered as ``name``; an unknown name raises listing the registered ones."""
-    try:
-        return _ROUNDINGS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown rounding {name!r}; registered: {sorted(_ROUNDINGS)}") from None
+    return _REGISTRY.get(name)
 
 
 def available_roundings() -> list[str]:
     """Names of all registered rounding steps."""
-    return sorted(_ROUNDINGS)
+    return _REGISTRY.names()

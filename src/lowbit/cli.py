@@ -1,4 +1,4 @@
-"""The ``lowbit`` command: ``quantize``, ``eval`` and ``inspect``, thin over the Python API.
+"""The ``lowbit`` command: ``quantize``, ``eval``, ``inspect`` and ``generate``, thin over the API.
 
 Subcommands are rows of `COMMANDS` (name -> help, a function adding its arguments, a function
 running it); `main` parses and dispatches through it, so a new subcommand is one row.
@@ -175,6 +175,78 @@ def add_inspect_arguments(i: argparse.ArgumentParser) -> None:
         help="also write the description as JSON to this file (an existing file is replaced "
         "only if lowbit wrote it)",
     )
+
+
+GENERATE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_generate_arguments(g: argparse.ArgumentParser) -> None:
+    """The options of ``lowbit generate``."""
+    g.add_argument(
+        "directory",
+        nargs="?",
+        default=None,
+        help="a directory written by 'lowbit quantize --out' (omit it to run --model in float)",
+    )
+    g.add_argument(
+        "--model",
+        default=None,
+        help="a float model instead: a local Hugging Face causal-LM directory or "
+        "smollm2-135m-instruct (the default when no directory is given)",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=GENERATE_DTYPES,
+        default=None,
+        help="with --model: the float model's dtype (default float32), the baselines of a "
+        "quantized model",
+    )
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)"
+    )
+
+
+def cmd_generate(args) -> int:
+    """``lowbit generate``: greedy continuation of ``--prompt`` (KV cache), then the prefill
+    and decode speed, for a quantized directory or a float model."""
+    import torch
+
+    from lowbit.generate import generate
+    from lowbit.io.hf import load_config, load_pretrained, load_quantized
+    from lowbit.models import resolve_model
+
+    if args.directory is not None and args.model is not None:
+        raise ValueError("give a quantized directory or --model, not both")
+    if args.directory is not None and args.dtype is not None:
+        raise ValueError("--dtype applies to --model (a quantized directory keeps its dtypes)")
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty")
+    if not 1 <= args.max_new_tokens <= 65536:
+        raise ValueError(f"--max-new-tokens must be in 1..65536, got {args.max_new_tokens}")
+    if args.directory is not None:
+        from lowbit.io.checkpoint import verify
+
+        verify(args.directory)
+        if not (Path(args.directory) / "config.json").is_file():
+            raise ValueError(
+                f"{args.directory!r} has no config.json: lowbit generate needs a directory "
+                "written by 'lowbit quantize --out'"
+            )
+        _causal_lm_config(load_config(args.directory), args.directory, 1)
+        label = args.directory
+        model, tokenizer = load_quantized(args.directory, tokenizer=True)
+    else:
+        source = resolve_model(args.model)
+        _causal_lm_config(load_config(source), str(source), 1)
+        dtype = args.dtype or "float32"
+        label = f"{source} ({dtype})"
+        model, tokenizer = load_pretrained(source, getattr(torch, dtype), tokenizer=True)
+    result = generate(model, tokenizer, args.prompt, args.max_new_tokens)
+    print(f"model: {label}")
+    print(args.prompt + result.text)
+    print(result.summary())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -544,6 +616,11 @@ COMMANDS: dict[str, Command] = {
         "what a saved directory holds: specs, per-layer sizes and CPU kernels (no model load)",
         add_inspect_arguments,
         cmd_inspect,
+    ),
+    "generate": Command(
+        "greedy text generation with prefill and decode tokens/s (quantized or float)",
+        add_generate_arguments,
+        cmd_generate,
     ),
 }
 

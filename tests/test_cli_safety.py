@@ -361,3 +361,19 @@ def test_fit_and_grid_mismatch_and_calibration_fail_before_loading(
             err = capsys.readouterr().err
             assert "needs a searching fit" in err and f"{fit!r} does not use importance" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_threads_option_sets_torch_threads_and_checks_its_range(tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        # inspect of a missing directory fails (exit 2) after the option was applied.
+        assert main(["inspect", str(tmp_path / "none"), "--threads", "1"]) == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path), "--threads", "0"]) == 2
+    assert "--threads must be in 1.." in capsys.readouterr().err
+    assert torch.get_num_threads() == before

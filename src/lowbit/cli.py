@@ -32,8 +32,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowbit", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
-        command.add_arguments(sub.add_parser(name, help=command.help))
+        parser_of_command = sub.add_parser(name, help=command.help)
+        command.add_arguments(parser_of_command)
+        parser_of_command.add_argument(
+            "--threads",
+            type=int,
+            default=None,
+            help="CPU threads for PyTorch (default: PyTorch's, one per core). On a machine "
+            "where other processes keep cores busy, fewer threads avoid the slowdown of "
+            "threads waiting on each other (see docs/benchmarks.md)",
+        )
     return parser
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply ``--threads`` (1..cores) to PyTorch; ``None`` leaves its default."""
+    if threads is None:
+        return
+    import os
+
+    import torch
+
+    cores = os.cpu_count() or 1
+    if not 1 <= threads <= cores:
+        raise ValueError(f"--threads must be in 1..{cores} (this machine's cores), got {threads}")
+    torch.set_num_threads(threads)
 
 
 def add_quantize_arguments(q: argparse.ArgumentParser) -> None:
@@ -253,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run ``lowbit`` with ``argv``; returns the exit code (2 on bad input)."""
     args = build_parser().parse_args(argv)
     try:
+        set_threads(args.threads)
         return COMMANDS[args.command].run(args)
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"lowbit {args.command}: error: {err}", file=sys.stderr)

@@ -271,3 +271,12 @@ def test_the_highest_priority_supporting_kernel_wins(monkeypatch):
     kernels[above.name] = above
     assert select_kernel(qt, "cpu") is above
     assert available_kernels()[0] == "test_above" and available_kernels()[-1] == "test_below"
+
+
+def test_path_name_says_what_a_batch_runs():
+    from lowbit.kernels import DEQUANTIZE, path_name
+
+    kernel = dummy_kernel(name="test_path", max_tokens=8)
+    assert path_name(kernel, 1) == path_name(kernel, 8) == "test_path"
+    assert path_name(kernel, 9) == DEQUANTIZE == "dequantize"
+    assert path_name(None, 1) == DEQUANTIZE

@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from lowbit.dtypes import FLOAT_DTYPES
 from lowbit.io.checkpoint import MANIFEST, verify
 from lowbit.io.manifest import LayerEntry, validate_manifest
-from lowbit.kernels import select_kernel
+from lowbit.kernels import path_name, select_kernel
 from lowbit.spec import QuantSpec
-from lowbit.tensor import FLOAT_DTYPES, BlockLayout, QuantizedTensor
+from lowbit.tensor import BlockLayout, QuantizedTensor
 
 KERNEL_DEVICE = "cpu"
 KERNEL_TOKENS = 1
-FALLBACK = "dequantize"  # QuantLinear's own path: dequantize + F.linear
 
 # Bytes per element of safetensors' dtype names (the header gives the name, not the size).
 _ELEMENT_BYTES = {
@@ -134,8 +134,7 @@ def _read_layer(handle, stored: set, aliases: dict, name: str, entry: LayerEntry
 
 
 def _layer_row(name: str, entry: LayerEntry, qt: QuantizedTensor) -> dict:
-    kernel = select_kernel(qt, KERNEL_DEVICE)
-    runs = kernel is not None and KERNEL_TOKENS <= kernel.max_tokens
+    kernel = path_name(select_kernel(qt, KERNEL_DEVICE), KERNEL_TOKENS)
     return {
         "name": name,
         "also_at": list(entry.also_at),
@@ -144,7 +143,7 @@ def _layer_row(name: str, entry: LayerEntry, qt: QuantizedTensor) -> dict:
         "label": entry.spec.label,
         "bits_per_weight": qt.bits_per_weight,
         "bytes": qt.nbytes,
-        "kernel": kernel.name if runs else FALLBACK,
+        "kernel": kernel,
     }
 
 

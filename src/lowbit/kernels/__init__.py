@@ -3,11 +3,21 @@
 from lowbit.kernels import torch_cpu as _torch_cpu  # noqa: F401  (registers the CPU kernels)
 from lowbit.kernels import torch_cuda as _torch_cuda  # noqa: F401  (registers the CUDA kernel)
 from lowbit.kernels.registry import (
+    DEQUANTIZE,
     Kernel,
     available_kernels,
     get_kernel,
+    path_name,
     register_kernel,
     select_kernel,
 )
 
-__all__ = ["Kernel", "available_kernels", "get_kernel", "register_kernel", "select_kernel"]
+__all__ = [
+    "DEQUANTIZE",
+    "Kernel",
+    "available_kernels",
+    "get_kernel",
+    "path_name",
+    "register_kernel",
+    "select_kernel",
+]

@@ -47,6 +47,16 @@ class Kernel:
             raise TypeError(f"Kernel {self.name!r}: priority must be an int, got {self.priority!r}")
 
 
+# What QuantLinear does when no kernel takes a batch: dequantize, then F.linear.
+DEQUANTIZE = "dequantize"
+
+
+def path_name(kernel: Kernel | None, tokens: int) -> str:
+    """What a forward of ``tokens`` rows runs with ``kernel`` selected: its name, or
+    `DEQUANTIZE` when there is none or the batch is above its ``max_tokens``."""
+    return kernel.name if kernel is not None and tokens <= kernel.max_tokens else DEQUANTIZE
+
+
 _KERNELS: dict[str, Kernel] = {}
 
 

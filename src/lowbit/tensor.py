@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit import native
+
 # FLOAT_DTYPES / DTYPE_NAMES live in lowbit.dtypes; re-exported for existing importers.
 from lowbit.dtypes import DTYPE_NAMES as DTYPE_NAMES
 from lowbit.dtypes import FLOAT_DTYPES as FLOAT_DTYPES
@@ -206,6 +208,8 @@ class QuantizedTensor:
             restored = unrotate(restored, unpack_signs(self.signs, lay.cols))
             return out.copy_(restored.view(self.shape).clamp_(-limit, limit))
         grid = get_grid(self.spec.grid)
+        if self._dequantize_native(out, limit):
+            return out
         storage = get_layout(self.spec.layout)
         bits = self.spec.bits
         zero = self.zero_points().unsqueeze(-1)
@@ -248,6 +252,21 @@ class QuantizedTensor:
         if scratch is not None:
             out.copy_(scratch.view(self.shape))
         return out
+
+    def _dequantize_native(self, out: torch.Tensor, limit: float) -> bool:
+        """Fill ``out`` with the native CPU kernel when it takes this tensor (dense layout, an
+        output matrix with unit column stride); False leaves ``out`` to the eager path."""
+        if not native.supports(self):
+            return False
+        lay = self.layout
+        try:
+            matrix = out.view(lay.rows, lay.cols)
+        except RuntimeError:  # a strided out= that no matrix view covers
+            return False
+        if matrix.stride(1) != 1:
+            return False
+        native.dequantize_into(self, matrix, limit)
+        return True
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
         """A copy on ``device`` (codes and scales unchanged)."""

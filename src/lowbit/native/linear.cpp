@@ -1,0 +1,154 @@
+// lowbit's native CPU linear for small batches: y = x W^T with W restored row by row into a
+// cache-resident float32 buffer (never written to memory whole) and dotted with every token in
+// float32. The weight is the eager dequantize's float32 weight bit for bit; only the order of the
+// float32 sums differs from F.linear's, so an fp32 input gets fp32-accurate output (PyTorch's
+// packed int4/int8 CPU kernels compute in bfloat16). Threaded over output rows.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "restore.h"
+
+namespace lowbit {
+namespace {
+
+
+#ifdef __AVX2__
+inline float horizontal_sum(__m256 v) {
+  const __m128 pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 two = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
+  return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
+}
+#endif
+
+#ifdef __AVX2__
+// Rows n0..n1 of y [tokens, out] for a few tokens: each sixteen weights go from the codes
+// straight into two sums per token (two chains hide the FMA latency).
+template <int Tokens>
+void fused_rows(RowRestorer& restorer, const float* x, int64_t k, float* y, int64_t out,
+                int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 even[Tokens], odd[Tokens];
+    float tail[Tokens];
+    for (int t = 0; t < Tokens; ++t) {
+      even[t] = _mm256_setzero_ps();
+      odd[t] = _mm256_setzero_ps();
+      tail[t] = 0.f;
+    }
+    restorer.visit(
+        n,
+        [&](int64_t col, __m256 w0, __m256 w1) {
+          const bool two = col + 16 <= k;
+          for (int t = 0; t < Tokens; ++t) {
+            const float* xt = x + t * k + col;
+            even[t] = _mm256_fmadd_ps(_mm256_loadu_ps(xt), w0, even[t]);
+            if (two) odd[t] = _mm256_fmadd_ps(_mm256_loadu_ps(xt + 8), w1, odd[t]);
+          }
+        },
+        [&](int64_t col, float w) {
+          for (int t = 0; t < Tokens; ++t) tail[t] += x[t * k + col] * w;
+        });
+    for (int t = 0; t < Tokens; ++t) {
+      y[t * out + n] = horizontal_sum(_mm256_add_ps(even[t], odd[t])) + tail[t];
+    }
+  }
+}
+#endif
+
+// y[t * y_stride] = dot(x[t], w) for t < tokens; x is [tokens, k] row-major.
+void dot_tokens(const float* x, int64_t tokens, int64_t k, const float* w, float* y,
+                int64_t y_stride) {
+  int64_t t = 0;
+#ifdef __AVX2__
+  // Four tokens share each load of the weight; four independent sums hide the FMA latency.
+  for (; t + 4 <= tokens; t += 4) {
+    const float* x0 = x + t * k;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+      const __m256 wv = _mm256_loadu_ps(w + i);
+      for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + j * k + i), wv, acc[j]);
+    }
+    for (int j = 0; j < 4; ++j) {
+      float sum = horizontal_sum(acc[j]);
+      for (int64_t r = i; r < k; ++r) sum += x0[j * k + r] * w[r];
+      y[(t + j) * y_stride] = sum;
+    }
+  }
+  for (; t < tokens; ++t) {
+    const float* xt = x + t * k;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+    int64_t i = 0;
+    for (; i + 32 <= k; i += 32) {
+      for (int j = 0; j < 4; ++j) {
+        acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(xt + i + 8 * j), _mm256_loadu_ps(w + i + 8 * j), acc[j]);
+      }
+    }
+    for (; i + 8 <= k; i += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xt + i), _mm256_loadu_ps(w + i), acc[0]);
+    float sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    for (; i < k; ++i) sum += xt[i] * w[i];
+    y[t * y_stride] = sum;
+  }
+#else
+  for (; t < tokens; ++t) {
+    float sum = 0.f;
+    for (int64_t i = 0; i < k; ++i) sum += x[t * k + i] * w[i];
+    y[t * y_stride] = sum;
+  }
+#endif
+}
+
+// x float32 [tokens, in] (contiguous) times the dense-layout QuantizedTensor [out, in] restored
+// in float32, transposed: float32 [tokens, out]. Arguments after x mirror dequantize_.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t bits, int64_t group_len,
+                  const at::Tensor& scale, int64_t zero_kind, const std::optional<at::Tensor>& zero,
+                  double center, double vmin, const std::optional<at::Tensor>& values,
+                  int64_t out_features) {
+  const char* op = "linear";
+  check(x.device().is_cpu(), op, "CPU tensors only");
+  check(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), op,
+        "x must be contiguous float32 [tokens, in_features]");
+  const int64_t tokens = x.size(0), in_features = x.size(1);
+  const Params p = make_params(op, out_features, in_features, packed, bits, group_len, scale,
+                               zero_kind, zero, center, vmin, values,
+                               std::numeric_limits<float>::max());
+  at::Tensor y = at::empty({tokens, out_features}, x.options());
+  if (tokens == 0 || out_features == 0) return y;
+  if (in_features == 0) return y.zero_();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / in_features);
+  at::parallel_for(0, out_features, grain, [&](int64_t n0, int64_t n1) {
+    RowRestorer restorer(p);
+#ifdef __AVX2__
+    switch (tokens) {  // a fixed count keeps every sum in a register
+      case 1: return fused_rows<1>(restorer, xp, in_features, yp, out_features, n0, n1);
+      case 2: return fused_rows<2>(restorer, xp, in_features, yp, out_features, n0, n1);
+      case 3: return fused_rows<3>(restorer, xp, in_features, yp, out_features, n0, n1);
+      case 4: return fused_rows<4>(restorer, xp, in_features, yp, out_features, n0, n1);
+      default: break;
+    }
+#endif
+    // More tokens: restore the row once into a cache-resident buffer, then dot every token.
+    std::vector<float> row(in_features + 32);
+    for (int64_t n = n0; n < n1; ++n) {
+      restorer.restore(n, row.data());
+      dot_tokens(xp, tokens, in_features, row.data(), yp + n, out_features);
+    }
+  });
+  return y;
+}
+
+}  // namespace
+}  // namespace lowbit
+
+TORCH_LIBRARY_FRAGMENT(lowbit_native, m) {
+  m.def(
+      "linear(Tensor x, Tensor packed, int bits, int group_len, Tensor scale, int zero_kind, "
+      "Tensor? zero, float center, float vmin, Tensor? values, int out_features) -> Tensor");
+  m.impl("linear", c10::DispatchKey::CPU, TORCH_FN(lowbit::linear));
+}

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit import QuantLinear, QuantSpec, quantize
-from lowbit.kernels import available_kernels, get_kernel
+from lowbit.kernels import DEQUANTIZE, available_kernels, get_kernel
+from lowbit.kernels.dispatch import DEQUANTIZE_FP32
 from lowbit.tensor import QuantizedTensor
 
 KERNEL_SPECS = [
@@ -123,33 +124,61 @@ def test_dequantize_path_is_exactly_f_linear(spec, xdtype, bias):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("spec", KERNEL_SPECS)
+def expected_output(layer, x, path):
+    """What ``layer(x)`` must return, bit for bit, when its plan sends ``x`` down ``path``."""
+    if path == DEQUANTIZE:
+        return F.linear(x, layer.dequantize_weight(x.dtype), layer.bias.to(x.dtype))
+    if path == DEQUANTIZE_FP32:
+        weight = layer.dequantize_weight(torch.float32)
+        return F.linear(x.float(), weight, layer.bias.float()).to(x.dtype)
+    kernel = get_kernel(path)
+    return kernel.run(x, kernel.prepare(layer.quantized_weight), layer.bias)
+
+
+@pytest.mark.parametrize("spec", KERNEL_SPECS + OTHER_SPECS)
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
-def test_auto_path_uses_the_kernel_for_few_tokens(spec, xdtype):
-    layer = QuantLinear.from_linear(make_linear(), spec)
-    kernel = layer.selected_kernel()
-    assert kernel is not None and kernel.name in available_kernels()
-    prepared = kernel.prepare(layer.quantized_weight)
-    for tokens in (1, 3, kernel.max_tokens):
+@pytest.mark.parametrize("allow_bf16", [False, True])
+def test_auto_path_follows_the_plan(spec, xdtype, allow_bf16):
+    layer = QuantLinear.from_linear(make_linear(), spec, allow_bf16=allow_bf16)
+    plan = layer.plan(dtype=xdtype)
+    assert plan.steps[-1][0] is None
+    for tokens in (1, 3, 8, 40, 100, 600):
+        path = plan.path(tokens)
         x = torch.randn(tokens, 128).to(xdtype)
         got = layer(x)
-        assert torch.equal(got, kernel.run(x, prepared, layer.bias))
-        want = F.linear(x.float(), layer.dequantize_weight(torch.float32), layer.bias)
-        assert rel_error(got, want) < 1e-2
-    # More tokens than the kernel is good for: dequantize + F.linear, exactly.
-    x = torch.randn(kernel.max_tokens + 1, 128).to(xdtype)
-    want = F.linear(x, layer.dequantize_weight(xdtype), layer.bias.to(xdtype))
-    assert torch.equal(layer(x), want)
-    x3 = torch.randn(2, kernel.max_tokens // 2 + 1, 128).to(xdtype)
-    assert layer(x3).shape == (2, kernel.max_tokens // 2 + 1, 32)
+        assert got.dtype == xdtype and got.shape == (tokens, 32)
+        assert torch.equal(got, expected_output(layer, x, path))
+        weight = layer.dequantize_weight(torch.float32).double()
+        want = F.linear(x.double(), weight, layer.bias.double())
+        if xdtype == torch.float32 and not allow_bf16:
+            # fp32 in, fp32-accurate out: no bfloat16 kernel may serve it.
+            assert path in (DEQUANTIZE, DEQUANTIZE_FP32) or get_kernel(path).fp32_exact
+            assert rel_error(got, want) < 1e-6
+        else:
+            assert rel_error(got, want) < 1e-2
+    x3 = torch.randn(2, 3, 128).to(xdtype)
+    assert torch.equal(layer(x3), layer(x3.reshape(6, 128)).reshape(2, 3, 32))
 
 
 @pytest.mark.parametrize("spec", OTHER_SPECS)
-def test_auto_path_without_a_kernel_is_exact(spec):
+def test_auto_path_without_a_kernel_is_exact(spec, monkeypatch):
+    monkeypatch.setenv("LOWBIT_NATIVE", "0")  # lowbit's own kernel takes every format
     layer = QuantLinear.from_linear(make_linear(), spec)
     assert layer.selected_kernel() is None
+    assert layer.plan().summary() == DEQUANTIZE
     x = torch.randn(2, 128)
     assert torch.equal(layer(x), F.linear(x, layer.dequantize_weight(), layer.bias))
+
+
+def test_allow_bf16_is_checked_and_resets_the_plan():
+    layer = QuantLinear.from_linear(make_linear(), QuantSpec(bits=4, group_size=64))
+    with pytest.raises(TypeError, match="allow_bf16"):
+        layer.allow_bf16 = 1
+    with pytest.raises(TypeError, match="allow_bf16"):
+        QuantLinear(8, 8, allow_bf16="yes")
+    before = layer.plan()
+    layer.allow_bf16 = True
+    assert layer.plan() is not before
 
 
 def test_named_kernel():
@@ -485,7 +514,8 @@ def test_from_quantized_refuses_bad_biases(bias, error, match):
 
 
 def test_from_quantized_keeps_a_float_bias_of_another_dtype():
-    layer = QuantLinear.from_quantized(QT, torch.arange(4.0, dtype=torch.bfloat16))
+    bias = torch.arange(4.0, dtype=torch.bfloat16)
+    layer = QuantLinear.from_quantized(QT, bias, kernel="dequantize")
     assert layer.bias.dtype == torch.bfloat16
     x = torch.randn(2, 8)
     want = F.linear(x, QT.dequantize(), torch.arange(4.0))

@@ -625,6 +625,37 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def add_tune_arguments(t: argparse.ArgumentParser) -> None:
+    """The options of ``lowbit tune``."""
+    t.add_argument(
+        "--out",
+        default=None,
+        help="where to write the table (default: the cache directory, where QuantLinear reads "
+        "it; an existing file is replaced only if lowbit wrote it)",
+    )
+    t.add_argument(
+        "--repeats", type=int, default=5, help="timed calls per path and size (median; default 5)"
+    )
+
+
+def cmd_tune(args) -> int:
+    """``lowbit tune``: time every CPU path per format, input dtype and batch size on this
+    machine and write the dispatch table QuantLinear picks its paths from."""
+    from lowbit.io.outputs import check_output_file, write_json
+    from lowbit.kernels import dispatch, tuning
+
+    if isinstance(args.repeats, bool) or not 1 <= args.repeats <= 1000:
+        raise ValueError(f"--repeats must be in 1..1000, got {args.repeats}")
+    target = check_output_file(args.out or dispatch.table_path("cpu"), "--out")
+    print("timing every path (a minute or two; keep other work off this machine meanwhile)")
+    table = tuning.measure(repeats=args.repeats, progress=lambda line: print(" ", line))
+    table["command"] = "lowbit tune" + (f" --repeats {args.repeats}" if args.repeats != 5 else "")
+    write_json(target, "dispatch", table)
+    dispatch.forget_tables()
+    print(f"dispatch table written to {target}")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "quantize": Command(
         "quantize a model's Linear layers, print the report, save",
@@ -645,6 +676,11 @@ COMMANDS: dict[str, Command] = {
         "greedy text generation with prefill and decode tokens/s (quantized or float)",
         add_generate_arguments,
         cmd_generate,
+    ),
+    "tune": Command(
+        "time every CPU path on this machine and write the table layers dispatch by",
+        add_tune_arguments,
+        cmd_tune,
     ),
 }
 

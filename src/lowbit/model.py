@@ -25,7 +25,6 @@ from lowbit.choice import (
 )
 from lowbit.choice import weight_error as weight_error
 from lowbit.dtypes import FLOAT_DTYPES
-from lowbit.kernels import path_name
 from lowbit.modules import check_pattern as check_pattern
 from lowbit.modules import linear_weight as linear_weight
 from lowbit.modules import match_pattern as match_pattern
@@ -480,8 +479,8 @@ def _quantize_layer(planned: _Layer, weights, choose: str, layer_kwargs) -> _Don
 
 
 def _kernel_name(layer: QuantLinear) -> str:
-    """The kernel a one-token forward of ``layer`` runs on its device (``"dequantize"``: none)."""
-    return path_name(layer.selected_kernel(), 1)
+    """The paths ``layer``'s forward takes on its device, by batch size (`Plan.summary`)."""
+    return layer.plan().summary()
 
 
 def _best_candidate(name: str, weight: torch.Tensor, specs, weights, choose: str):

@@ -11,7 +11,8 @@ from torch import nn
 
 from lowbit.dtypes import FLOAT_DTYPES
 from lowbit.grids import get_grid
-from lowbit.kernels import Kernel, get_kernel, select_kernel
+from lowbit.kernels import DEQUANTIZE, Kernel, get_kernel
+from lowbit.kernels.dispatch import DEQUANTIZE_FP32, Plan, plan_for
 from lowbit.quantize import quantize
 from lowbit.rotation import rotate, unpack_signs
 from lowbit.spec import QuantSpec
@@ -22,11 +23,13 @@ class QuantLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` stored quantized (weight-only quantization).
 
     Buffers ``packed``, ``scale`` and (asymmetric specs) ``zero`` are the `QuantizedTensor`'s
-    tensors; they are what ``state_dict`` saves. The forward pass asks the kernel registry for a
-    packed kernel for this format and device; when there is none, when more than the kernel's
-    ``max_tokens`` rows come in, it dequantizes (into a scratch buffer shared by all layers, see
-    `release_workspaces`) and calls ``F.linear`` in the activation's dtype. When ``x`` needs a
-    gradient the kernel path still runs; its backward uses the dequantized weight.
+    tensors; they are what ``state_dict`` saves. Each forward takes the path its `plan` gives for
+    the batch's size, input dtype and device (`lowbit.kernels.dispatch`: measured crossovers): a
+    kernel, or dequantize (into a scratch buffer shared by all layers, see `release_workspaces`)
+    then ``F.linear``. A float32 input gets float32-accurate output (within float32 rounding of
+    ``F.linear`` with the dequantized weight) unless ``allow_bf16`` lets bfloat16 kernels serve
+    it. When ``x`` needs a gradient the kernel path still runs; its backward uses the dequantized
+    weight.
 
     Args:
         in_features, out_features, bias: as `nn.Linear`.
@@ -38,6 +41,8 @@ class QuantLinear(nn.Module):
             registered kernel name.
         cache_dequantized: keep the dequantized weight between calls of the fallback path
             (faster, but gives back the memory quantization saved).
+        allow_bf16: let kernels that compute in bfloat16 (PyTorch's packed int4/int8 CPU
+            kernels) serve float32 inputs: faster for a few tokens, about 3 significant digits.
     """
 
     def __init__(
@@ -51,12 +56,17 @@ class QuantLinear(nn.Module):
         device: torch.device | str | None = None,
         kernel: str = "auto",
         cache_dequantized: bool = False,
+        allow_bf16: bool = False,
     ) -> None:
         super().__init__()
         for arg, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise TypeError(f"{arg} must be a non-negative int, got {value!r}")
-        for arg, value in (("bias", bias), ("cache_dequantized", cache_dequantized)):
+        for arg, value in (
+            ("bias", bias),
+            ("cache_dequantized", cache_dequantized),
+            ("allow_bf16", allow_bf16),
+        ):
             if not isinstance(value, bool):
                 raise TypeError(f"{arg} must be a bool, got {value!r}")
         spec = spec if spec is not None else QuantSpec()
@@ -72,6 +82,7 @@ class QuantLinear(nn.Module):
         self.weight_dtype = dtype
         self._kernel = kernel
         self._cache_dequantized = cache_dequantized
+        self._allow_bf16 = allow_bf16
         layout = BlockLayout.of((out_features, in_features), spec)
         shapes = layout.expected_shapes(spec)
         self.register_buffer(
@@ -103,6 +114,7 @@ class QuantLinear(nn.Module):
         name: str = "weight",
         kernel: str = "auto",
         cache_dequantized: bool = False,
+        allow_bf16: bool = False,
     ) -> QuantLinear:
         """Quantize ``linear.weight`` (float32/float16/bfloat16 ``[out, in]``) with ``spec``.
 
@@ -132,7 +144,9 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{name} is on the meta device (no data): load real weights first")
         qt = quantize(linear.weight.detach(), spec, name=name)
         bias = None if linear.bias is None else linear.bias.detach()
-        layer = cls.from_quantized(qt, bias, kernel=kernel, cache_dequantized=cache_dequantized)
+        layer = cls.from_quantized(
+            qt, bias, kernel=kernel, cache_dequantized=cache_dequantized, allow_bf16=allow_bf16
+        )
         if linear.bias is not None:
             # As trainable as before (and as a freshly built or loaded QuantLinear).
             layer.bias.requires_grad_(linear.bias.requires_grad)
@@ -146,6 +160,7 @@ class QuantLinear(nn.Module):
         *,
         kernel: str = "auto",
         cache_dequantized: bool = False,
+        allow_bf16: bool = False,
     ) -> QuantLinear:
         """Wrap a 2-D `QuantizedTensor` ``[out, in]`` and an optional float bias ``[out]``.
 
@@ -182,6 +197,7 @@ class QuantLinear(nn.Module):
             device="meta",
             kernel=kernel,
             cache_dequantized=cache_dequantized,
+            allow_bf16=allow_bf16,
         )
         layer.packed, layer.scale, layer.zero, layer.signs = qt.packed, qt.scale, qt.zero, qt.signs
         if bias is not None:
@@ -229,26 +245,48 @@ class QuantLinear(nn.Module):
         """The restored weight ``[out, in]``; ``dtype`` defaults to the original weight's."""
         return self.quantized_weight.dequantize(dtype)
 
-    def selected_kernel(self, device: torch.device | None = None) -> Kernel | None:
-        """The packed kernel small batches use on ``device`` (default: the buffers'), or None."""
-        device = torch.device(device) if device is not None else self.packed.device
-        if self._choice is not None and self._choice[0] == device:
-            return self._choice[1]
-        kernel = self._choose_kernel(device)
-        self._choice = (device, kernel)  # forward asks on every call: keep its answer
-        return kernel
+    @property
+    def allow_bf16(self) -> bool:
+        """Whether bfloat16-computing kernels may serve float32 inputs (settable)."""
+        return self._allow_bf16
 
-    def _choose_kernel(self, device: torch.device) -> Kernel | None:
-        if self.kernel == "dequantize":
-            return None
-        if self.kernel == "auto":
-            return select_kernel(self.quantized_weight, device)
-        kernel = get_kernel(self.kernel)
-        if not kernel.supports(self.quantized_weight, device):
-            raise ValueError(
-                f"kernel {self.kernel!r} does not support {self.spec.label} on {device}"
+    @allow_bf16.setter
+    def allow_bf16(self, allow: bool) -> None:
+        if not isinstance(allow, bool):
+            raise TypeError(f"allow_bf16 must be a bool, got {allow!r}")
+        self._allow_bf16 = allow
+        self._plans.clear()
+
+    def plan(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Plan:
+        """The paths this layer's forward takes by batch size for ``dtype`` inputs (default:
+        the original weight's dtype) on ``device`` (default: the buffers')."""
+        device = torch.device(device) if device is not None else self.packed.device
+        dtype = dtype or self.weight_dtype
+        key = (device, dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            if self.kernel not in ("auto", DEQUANTIZE):
+                kernel = get_kernel(self.kernel)
+                if not kernel.supports(self.quantized_weight, device):
+                    raise ValueError(
+                        f"kernel {self.kernel!r} does not support {self.spec.label} on {device}"
+                    )
+            plan = self._plans[key] = plan_for(
+                self.quantized_weight,
+                device,
+                dtype,
+                allow_bf16=self.allow_bf16,
+                kernel=self.kernel,
             )
-        return kernel
+        return plan
+
+    def selected_kernel(self, device: torch.device | None = None) -> Kernel | None:
+        """The kernel a one-token forward in the weight's dtype runs on ``device`` (default:
+        the buffers'), or None when it dequantizes."""
+        path = self.plan(device).path(1)
+        return None if path in (DEQUANTIZE, DEQUANTIZE_FP32) else get_kernel(path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in_features]`` (float) -> ``[..., out_features]`` in ``x``'s dtype."""
@@ -264,8 +302,9 @@ class QuantLinear(nn.Module):
             # The codes hold W R^T: rotate the input the same way (x W^T = x R^T (W R^T)^T).
             x = rotate(x, self._sign_vector(x.device))
         tokens = x.numel() // max(1, self.in_features)
-        kernel = self.selected_kernel(x.device)
-        if kernel is not None and tokens <= kernel.max_tokens:
+        path = self.plan(x.device, x.dtype).path(tokens)
+        if path not in (DEQUANTIZE, DEQUANTIZE_FP32):
+            kernel = get_kernel(path)
             prepared = self._prepared_for(kernel, x.device)
             if torch.is_grad_enabled() and x.requires_grad:
                 # Packed kernels have no backward: route the input gradient through the
@@ -273,17 +312,18 @@ class QuantLinear(nn.Module):
                 y = _KernelMatmul.apply(x, self, kernel, prepared)
                 return y if self.bias is None else y + self.bias.to(y.dtype)
             return kernel.run(x, prepared, self.bias)
-        weight = self._weight_for(x.dtype, torch.is_grad_enabled() and x.requires_grad)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, weight, bias)
+        compute = torch.float32 if path == DEQUANTIZE_FP32 else x.dtype
+        weight = self._weight_for(compute, torch.is_grad_enabled() and x.requires_grad)
+        bias = None if self.bias is None else self.bias.to(compute)
+        return F.linear(x.to(compute), weight, bias).to(x.dtype)
 
     def _prepared_for(self, kernel: Kernel, device: torch.device) -> dict:
         # Kernel layouts are derived, machine-specific data: built on first use, never saved.
-        cached = self._prepared
-        if cached is None or cached[0] != kernel.name or cached[1] != device:
-            cached = (kernel.name, device, kernel.prepare(self.quantized_weight))
-            self._prepared = cached
-        return cached[2]
+        key = (kernel.name, device)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            prepared = self._prepared[key] = kernel.prepare(self.quantized_weight)
+        return prepared
 
     def _weight_for(self, dtype: torch.dtype, kept_for_backward: bool) -> torch.Tensor:
         if self._dequantized is not None and self._dequantized.dtype == dtype:
@@ -306,8 +346,8 @@ class QuantLinear(nn.Module):
     def _reset_caches(self) -> None:
         """Forget everything derived from the buffers (kernel choice and layout, float weight)."""
         self._signs: torch.Tensor | None = None
-        self._choice: tuple[torch.device, Kernel | None] | None = None
-        self._prepared: tuple[str, torch.device, dict] | None = None
+        self._plans: dict[tuple[torch.device, torch.dtype], Plan] = {}
+        self._prepared: dict[tuple[str, torch.device], dict] = {}
         self._dequantized: torch.Tensor | None = None
 
     def _load_from_state_dict(self, *args, **kwargs):

@@ -25,8 +25,8 @@ class LayerReport:
     # ({"spec", "bits_per_weight", "rel_error", "weighted_error"}).
     choice: str | None = None
     candidates: list[dict] | None = None
-    # What a one-token forward runs on the layer's device: a packed kernel's name, or
-    # "dequantize" (restore the weight, then F.linear). Larger batches may differ.
+    # The paths the layer's forward takes on its device by batch size (`Plan.summary`),
+    # e.g. "cpu_native:1-16,dequantize:17+".
     kernel: str | None = None
 
     @property
@@ -114,7 +114,7 @@ class Report:
         """Per-layer table (worst relative error first when ``max_rows`` cuts it) + totals.
 
         A ``*`` after a spec marks a layer whose candidate specs differed in size (see its
-        ``choice``). The kernel column is what a one-token forward runs on the layer's device.
+        ``choice``). The kernel column is the paths a forward takes on the layer's device by batch size.
         """
         if max_rows is not None and (
             isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0

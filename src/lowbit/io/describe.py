@@ -3,7 +3,8 @@
 `describe_checkpoint` verifies the checkpoint (`lowbit.io.checkpoint.verify`: manifest, tensors
 file, sha256, safetensors header), then reads each quantized layer's own tensors with
 ``safetensors.safe_open`` (one layer at a time; nothing is unpickled) into a `QuantizedTensor`
-to report its stored size and the kernel `QuantLinear` would run it with on CPU for one token.
+to report its stored size and the paths `QuantLinear` takes on CPU by batch size (its dispatch
+plan for inputs in the weight's dtype).
 Every other tensor is counted from the file's header alone.
 """
 
@@ -18,12 +19,11 @@ from safetensors import SafetensorError, safe_open
 from lowbit.dtypes import FLOAT_DTYPES
 from lowbit.io.checkpoint import MANIFEST, verify
 from lowbit.io.manifest import LayerEntry, validate_manifest
-from lowbit.kernels import path_name, select_kernel
+from lowbit.kernels.dispatch import plan_for
 from lowbit.spec import QuantSpec
 from lowbit.tensor import BlockLayout, QuantizedTensor
 
 KERNEL_DEVICE = "cpu"
-KERNEL_TOKENS = 1
 
 # Bytes per element of safetensors' dtype names (the header gives the name, not the size).
 _ELEMENT_BYTES = {
@@ -42,8 +42,9 @@ def describe_checkpoint(directory: str | os.PathLike) -> dict:
         "exclude", "layers", "totals"}``: ``source_model`` / ``specs`` (labels) / ``exclude``
         from the manifest's metadata (``None`` when it does not hold them); ``layers`` a list
         of ``{"name", "also_at", "shape", "spec", "label", "bits_per_weight", "bytes",
-        "kernel"}`` in the manifest's order (``kernel``: the kernel `QuantLinear` uses on CPU
-        for a batch of one token, ``"dequantize"`` for the fallback); ``totals`` the layers'
+        "kernel"}`` in the manifest's order (``kernel``: `Plan.summary` of the paths
+        `QuantLinear` takes on CPU by batch size, e.g. ``"cpu_native:1-16,dequantize:17+"``);
+        ``totals`` the layers'
         weights, bytes and bits per weight, and the other tensors' count and bytes.
 
     Raises:
@@ -134,7 +135,8 @@ def _read_layer(handle, stored: set, aliases: dict, name: str, entry: LayerEntry
 
 
 def _layer_row(name: str, entry: LayerEntry, qt: QuantizedTensor) -> dict:
-    kernel = path_name(select_kernel(qt, KERNEL_DEVICE), KERNEL_TOKENS)
+    # The paths a forward in the weight's own dtype takes on CPU, by batch size.
+    kernel = plan_for(qt, torch.device(KERNEL_DEVICE), entry.dtype).summary()
     return {
         "name": name,
         "also_at": list(entry.also_at),
@@ -189,7 +191,7 @@ def format_description(data: dict) -> str:
     label_width = max([len("spec"), *(len(r["label"]) for r in rows)])
     head = (
         f"{'layer':<{name_width}}  {'shape':>11}  {'spec':<{label_width}}  {'bits/w':>6}  "
-        f"{'bytes':>10}  kernel (cpu, 1 token)"
+        f"{'bytes':>10}  paths on cpu (by tokens)"
     )
     lines += [head, "-" * len(head)]
     for r in rows:

@@ -1,5 +1,6 @@
 """Matmul kernels for quantized weights, chosen by a small registry."""
 
+from lowbit.kernels import native_cpu as _native_cpu  # noqa: F401  (registers lowbit's own)
 from lowbit.kernels import torch_cpu as _torch_cpu  # noqa: F401  (registers the CPU kernels)
 from lowbit.kernels import torch_cuda as _torch_cuda  # noqa: F401  (registers the CUDA kernel)
 from lowbit.kernels.registry import (
@@ -7,7 +8,6 @@ from lowbit.kernels.registry import (
     Kernel,
     available_kernels,
     get_kernel,
-    path_name,
     register_kernel,
     select_kernel,
 )
@@ -17,7 +17,6 @@ __all__ = [
     "Kernel",
     "available_kernels",
     "get_kernel",
-    "path_name",
     "register_kernel",
     "select_kernel",
 ]

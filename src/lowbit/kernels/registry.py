@@ -3,14 +3,22 @@
 A kernel computes ``x @ dequantize(qt).T`` without materialising the float weight. It has:
 
 * ``supports(qt, device) -> bool``: whether it can run this format on this device type;
-* ``prepare(qt) -> dict[str, Tensor]``: its own weight layout, derived from the canonical
-  `QuantizedTensor` (never stored on disk: storage depends on the spec, not the machine);
+* ``prepare(qt) -> dict``: its own weight layout (tensors, and any settings it needs), derived
+  from the canonical `QuantizedTensor` (never stored on disk: storage depends on the spec, not
+  the machine);
 * ``run(x, prepared, bias) -> Tensor``: the matmul, ``x`` of shape ``[tokens, in_features]``;
 * ``max_tokens``: above this many rows of ``x`` dequantize + ``F.linear`` is faster (measured in
   ``benchmarks/bench_linear.py``), so `QuantLinear` falls back to it;
 * ``priority``: kernels are tried highest priority first (registration order among equals);
   the first that supports the format wins. A faster kernel for a format some kernel already
   serves registers with a higher priority instead of depending on import order.
+* ``fp32_exact``: whether a float32 input is computed in float32 (output within float32
+  rounding of ``F.linear`` with the dequantized weight). Kernels that compute in bfloat16 are
+  used for float32 inputs only when the layer allows it (``QuantLinear.allow_bf16``).
+
+Which kernel runs a batch of a given size is decided per format and token count by
+`lowbit.kernels.dispatch`, from measured timings; ``priority`` and ``max_tokens`` are what it
+falls back to for formats its table does not cover.
 """
 
 from __future__ import annotations
@@ -29,10 +37,11 @@ class Kernel:
 
     name: str
     supports: Callable[[QuantizedTensor, torch.device], bool]
-    prepare: Callable[[QuantizedTensor], dict[str, torch.Tensor]]
-    run: Callable[[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None], torch.Tensor]
+    prepare: Callable[[QuantizedTensor], dict]
+    run: Callable[[torch.Tensor, dict, torch.Tensor | None], torch.Tensor]
     max_tokens: int
     priority: int = 0
+    fp32_exact: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -45,16 +54,14 @@ class Kernel:
             raise TypeError(f"Kernel {self.name!r}: max_tokens must be an int >= 0, got {tokens!r}")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise TypeError(f"Kernel {self.name!r}: priority must be an int, got {self.priority!r}")
+        if not isinstance(self.fp32_exact, bool):
+            raise TypeError(
+                f"Kernel {self.name!r}: fp32_exact must be a bool, got {self.fp32_exact!r}"
+            )
 
 
 # What QuantLinear does when no kernel takes a batch: dequantize, then F.linear.
 DEQUANTIZE = "dequantize"
-
-
-def path_name(kernel: Kernel | None, tokens: int) -> str:
-    """What a forward of ``tokens`` rows runs with ``kernel`` selected: its name, or
-    `DEQUANTIZE` when there is none or the batch is above its ``max_tokens``."""
-    return kernel.name if kernel is not None and tokens <= kernel.max_tokens else DEQUANTIZE
 
 
 _KERNELS: dict[str, Kernel] = {}

@@ -1,0 +1,161 @@
+"""Dispatch by measured crossover: plans from a table, the accuracy rule for float32 inputs,
+fallbacks for formats and files the table does not cover, and the table's measurement."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lowbit import QuantLinear, QuantSpec, quantize
+from lowbit.cli import main
+from lowbit.kernels import DEQUANTIZE, dispatch, get_kernel, tuning
+from lowbit.kernels.dispatch import DEQUANTIZE_FP32, Plan, format_key, plan_for
+
+CPU = torch.device("cpu")
+TOKENS = [1, 4, 32, 512]
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    """Point dispatch at a table written by the test; returns a function that writes it."""
+    path = tmp_path / "table.json"
+    monkeypatch.setenv("LOWBIT_DISPATCH_TABLE", str(path))
+    dispatch.forget_tables()
+
+    def write(rankings, tokens=TOKENS, **extra):
+        data = {"version": dispatch.TABLE_VERSION, "tokens": tokens, "rankings": rankings, **extra}
+        path.write_text(json.dumps(data))
+        dispatch.forget_tables()
+        return path
+
+    yield write
+    dispatch.forget_tables()
+
+
+def int4():
+    return quantize(torch.randn(64, 128), QuantSpec(bits=4, group_size=64))
+
+
+def test_plan_paths_and_summary():
+    plan = Plan(((4, "cpu_native"), (32, "cpu_int4pack"), (None, DEQUANTIZE)))
+    assert [plan.path(n) for n in (1, 4, 5, 32, 33, 10**6)] == [
+        "cpu_native", "cpu_native", "cpu_int4pack", "cpu_int4pack", DEQUANTIZE, DEQUANTIZE
+    ]
+    assert plan.summary() == "cpu_native:1-4,cpu_int4pack:5-32,dequantize:33+"
+    assert Plan(((None, DEQUANTIZE),)).summary() == DEQUANTIZE
+    assert Plan(((1, "cpu_native"), (None, DEQUANTIZE))).summary() == (
+        "cpu_native:1,dequantize:2+"
+    )
+
+
+def test_format_keys():
+    assert format_key(int4()) == "int4"
+    nf4 = quantize(torch.randn(8, 64), QuantSpec(bits=4, grid="nf4", group_size=64))
+    assert format_key(nf4) == "codebook4"
+    assert format_key(quantize(torch.randn(8, 64), QuantSpec(bits=8))) == "int8"
+
+
+def test_table_rankings_with_the_float32_accuracy_rule(table):
+    ranked = ["cpu_int4pack", "cpu_native", DEQUANTIZE]
+    table({
+        "float32": {"int4": [ranked, ranked, [DEQUANTIZE, "cpu_native"], [DEQUANTIZE]]},
+        "bfloat16": {"int4": [ranked, ranked, [DEQUANTIZE_FP32, DEQUANTIZE], [DEQUANTIZE_FP32]]},
+    })
+    qt = int4()
+    # float32 inputs: the bf16 packed kernel is skipped unless the layer allows it.
+    assert plan_for(qt, CPU, torch.float32).summary() == "cpu_native:1-4,dequantize:5+"
+    assert plan_for(qt, CPU, torch.float32, allow_bf16=True).summary() == (
+        "cpu_int4pack:1-4,dequantize:5+"
+    )
+    assert plan_for(qt, CPU, torch.bfloat16).summary() == "cpu_int4pack:1-4,dequantize_fp32:5+"
+    # float16 inputs use the bfloat16 rankings when the table has none of their own.
+    assert plan_for(qt, CPU, torch.float16).summary() == "cpu_int4pack:1-4,dequantize_fp32:5+"
+
+
+def test_unusable_and_unknown_paths_are_skipped(table):
+    table({"float32": {"int4": [["not_a_kernel", "cpu_int4pack", DEQUANTIZE_FP32]] * 4}})
+    # No usable path in the ranking (dequantize_fp32 means nothing for float32): dequantize.
+    assert plan_for(int4(), CPU, torch.float32).summary() == DEQUANTIZE
+    # The packed kernels do not take a group of 16 even when allowed: the same.
+    qt = quantize(torch.randn(64, 128), QuantSpec(bits=4, group_size=16))
+    assert plan_for(qt, CPU, torch.float32, allow_bf16=True).summary() == DEQUANTIZE
+
+
+def test_formats_the_table_lacks_follow_the_registry(table):
+    table({"float32": {"int8": [[DEQUANTIZE]] * 4}})
+    kernel = get_kernel("cpu_native")
+    assert plan_for(int4(), CPU, torch.float32).steps == (
+        (kernel.max_tokens, "cpu_native"), (None, DEQUANTIZE)
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        json.dumps({"version": 99, "tokens": [1], "rankings": {}}),
+        json.dumps([1, 2]),
+        json.dumps({"version": 1, "tokens": [1, 2], "rankings": {"float32": {"int4": [["x"]]}}}),
+        json.dumps({"version": 1, "tokens": "1", "rankings": {"float32": {"int4": "x"}}}),
+    ],
+    ids=["truncated", "other-version", "not-an-object", "length-mismatch", "wrong-types"],
+)
+def test_a_bad_table_is_ignored(table, text):
+    path = table({})
+    path.write_text(text)
+    dispatch.forget_tables()
+    kernel = get_kernel("cpu_native")
+    # The registry's order, as with no table at all (the shipped one is behind this one only
+    # when this one is unreadable: LOWBIT_DISPATCH_TABLE comes first).
+    plan = plan_for(int4(), CPU, torch.float32)
+    assert plan.path(1) == "cpu_native" and plan.path(kernel.max_tokens + 1000) == DEQUANTIZE
+
+
+def test_the_shipped_table_is_complete():
+    shipped = json.loads((dispatch._SHIPPED / "dispatch_cpu.json").read_text())
+    assert shipped["version"] == dispatch.TABLE_VERSION and shipped["lowbit"] == "dispatch"
+    for dtype in ("float32", "bfloat16"):
+        assert set(shipped["rankings"][dtype]) == set(tuning.FORMATS)
+        for rankings in shipped["rankings"][dtype].values():
+            assert len(rankings) == len(shipped["tokens"])
+
+
+def test_layers_follow_the_table(table):
+    table({"float32": {"int4": [["cpu_native"], ["cpu_native"], [DEQUANTIZE], [DEQUANTIZE]]}})
+    layer = QuantLinear.from_linear(torch.nn.Linear(128, 64), QuantSpec(bits=4, group_size=64))
+    assert layer.plan().summary() == "cpu_native:1-4,dequantize:5+"
+    assert layer.selected_kernel().name == "cpu_native"
+    dequantized = QuantLinear.from_linear(
+        torch.nn.Linear(128, 64), QuantSpec(bits=4, group_size=64), kernel="dequantize"
+    )
+    assert dequantized.plan().summary() == DEQUANTIZE
+
+
+def test_measure_writes_a_table_dispatch_reads(table):
+    formats = {"int4": QuantSpec(bits=4, group_size=64), "codebook4": QuantSpec(bits=4, grid="nf4")}
+    data = tuning.measure(formats, tokens=(1, 64), shape=(64, 128), repeats=1)
+    assert data["tokens"] == [1, 64] and data["shape"] == [64, 128]
+    for dtype in ("float32", "bfloat16"):
+        for key in formats:
+            rankings = data["rankings"][dtype][key]
+            timings = data["timings_ms"][dtype][key]
+            assert len(rankings) == len(timings) == 2
+            for ranked, ms in zip(rankings, timings, strict=True):
+                assert set(ms) <= set(ranked) and DEQUANTIZE in ms
+                assert all(value > 0 for value in ms.values())
+    assert DEQUANTIZE_FP32 in data["timings_ms"]["bfloat16"]["int4"][0]
+    assert DEQUANTIZE_FP32 not in data["timings_ms"]["float32"]["int4"][0]
+    with pytest.raises(ValueError, match="has key"):
+        tuning.measure({"int8": QuantSpec(bits=4)}, tokens=(1,), shape=(16, 64), repeats=1)
+
+
+def test_cli_tune_refuses_files_it_did_not_write(tmp_path, capsys):
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "data"}')
+    assert main(["tune", "--out", str(mine)]) == 2
+    assert "not written by lowbit" in capsys.readouterr().err
+    assert mine.read_text() == '{"my": "data"}'
+    assert main(["tune", "--out", str(tmp_path / "t.json"), "--repeats", "0"]) == 2
+    assert not (tmp_path / "t.json").exists()

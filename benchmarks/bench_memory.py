@@ -2,8 +2,9 @@
 at most 1.15x for the int4 demo model).
 
 Run: .venv/bin/python benchmarks/bench_memory.py runs/int4-g64 [more directories]
-(one process per directory: each figure is the resident set after `load_quantized` and after one
-7-token forward, minus the resident set after the imports).
+(one process per directory: each figure is the resident set after `load_quantized` (without the
+tokenizer) and after one 7-token forward, minus the resident set after the imports, including
+the model class's modules and lowbit's native library: one-time costs, not the model's).
 """
 
 from __future__ import annotations
@@ -25,15 +26,23 @@ def resident_bytes() -> int:
 
 
 def measure(directory: str) -> str:
-    import transformers  # noqa: F401  (imported before the baseline is taken)
+    import transformers
+    from accelerate import init_empty_weights
 
-    from lowbit.io.hf import load_quantized
+    from lowbit import native
+    from lowbit.io.hf import load_config, load_quantized
 
+    # One-time costs that are not the model: the model class's modules (transformers imports
+    # them on the first from_config, ~100 MiB here) and lowbit's native library.
+    config = load_config(directory)
+    with init_empty_weights(include_buffers=False):
+        transformers.AutoModelForCausalLM.from_config(config)
+    native.available()
     base = resident_bytes()
-    model, tokenizer = load_quantized(directory, tokenizer=True)
+    model, _ = load_quantized(directory, tokenizer=False)
     loaded = resident_bytes()
     with torch.inference_mode():
-        model(tokenizer("The history of the city begins", return_tensors="pt").input_ids)
+        model(torch.tensor([[504, 2365, 282, 260, 2269, 5060, 2079]]))  # 7 tokens
     used = resident_bytes()
     size = sum(
         os.path.getsize(os.path.join(directory, f))

@@ -226,3 +226,13 @@ def test_linear_bad_arguments():
     meta.packed = meta.packed.to("meta")
     with pytest.raises(RuntimeError, match="do not take"):
         native.linear(torch.randn(2, 64), meta)
+
+
+def test_operators_agree_with_their_fake_kernels():
+    """torch.compile traces the operators through their registered fakes: schemas, shapes and
+    aliasing must match the real kernels."""
+    qt = quantize(torch.randn(24, 96), QuantSpec(bits=4, group_size=32))
+    args = native.weight_args(qt)
+    torch.library.opcheck(torch.ops.lowbit_native.linear.default, (torch.randn(3, 96), *args, 24))
+    out = torch.empty(24, 96)
+    torch.library.opcheck(torch.ops.lowbit_native.dequantize_.default, (*args, 3e38, out))

@@ -114,7 +114,8 @@ class Report:
         """Per-layer table (worst relative error first when ``max_rows`` cuts it) + totals.
 
         A ``*`` after a spec marks a layer whose candidate specs differed in size (see its
-        ``choice``). The kernel column is the paths a forward takes on the layer's device by batch size.
+        ``choice``). The kernel column is the paths a forward takes on the layer's device, by
+        batch size.
         """
         if max_rows is not None and (
             isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0

@@ -23,6 +23,8 @@ def _supports(qt: QuantizedTensor, device: torch.device) -> bool:
 
 def _prepare(qt: QuantizedTensor) -> dict:
     # The operator's view of the format, built once per layer (it shares qt's tensors).
+    if not native.supports(qt):  # also loads the operators
+        raise RuntimeError(f"cpu_native does not take {qt.spec.label} on {qt.device}")
     return {"args": native.weight_args(qt), "out_features": qt.shape[0]}
 
 

@@ -49,6 +49,7 @@ def available() -> bool:
     if "ok" not in _state:
         try:
             torch.ops.load_library(str(_build()))
+            _register_fakes()
             _state["ok"] = True
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             _state["ok"] = False
@@ -59,6 +60,19 @@ def available() -> bool:
                 stacklevel=2,
             )
     return bool(_state["ok"])
+
+
+def _register_fakes() -> None:
+    # Shapes of the operators' results without running them: what torch.compile traces with.
+    @torch.library.register_fake("lowbit_native::linear")
+    def _linear_fake(x, packed, bits, group_len, scale, zero_kind, zero, center, vmin, values,
+                     out_features):
+        return x.new_empty(x.shape[0], out_features)
+
+    @torch.library.register_fake("lowbit_native::dequantize_")
+    def _dequantize_fake(packed, bits, group_len, scale, zero_kind, zero, center, vmin, values,
+                         limit, out):
+        return None
 
 
 def _cpu_id() -> str:

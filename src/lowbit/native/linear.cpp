@@ -24,35 +24,73 @@ inline float horizontal_sum(__m256 v) {
 #endif
 
 #ifdef __AVX2__
-// Rows n0..n1 of y [tokens, out] for a few tokens: each sixteen weights go from the codes
-// straight into two sums per token (two chains hide the FMA latency).
+// Per token and group, the eight lane sums of x over the group's full runs of eight columns:
+// with them a group's dot product is s * (sum v(q) x - z * sum x), so the inner loop neither
+// subtracts nor scales (float32-accurate; the weights are not rounded as a separate step).
+std::vector<__m256> lane_sums(const Params& p, const float* x, int64_t tokens) {
+  std::vector<__m256> sums(tokens * p.groups);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const int64_t c0 = g * p.group_len;
+      const int64_t full = (std::min<int64_t>(p.cols, c0 + p.group_len) - c0) / 8 * 8;
+      __m256 sum = _mm256_setzero_ps();
+      for (int64_t i = 0; i < full; i += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(x + t * p.cols + c0 + i));
+      sums[t * p.groups + g] = sum;
+    }
+  }
+  return sums;
+}
+
+// Rows n0..n1 of y [tokens, out] for a few tokens, straight from the codes: per group, two
+// chains of FMAs per token over the grid values, then one scale-and-shift into the row's sum.
 template <int Tokens>
-void fused_rows(RowRestorer& restorer, const float* x, int64_t k, float* y, int64_t out,
-                int64_t n0, int64_t n1) {
+void fused_rows(const Params& p, RowRestorer& rows, const float* x, const __m256* sums,
+                float* y, int64_t out, int64_t n0, int64_t n1) {
+  const int64_t k = p.cols;
   for (int64_t n = n0; n < n1; ++n) {
-    __m256 even[Tokens], odd[Tokens];
+    rows.prepare(n);
+    const uint8_t* codes = rows.codes();
+    __m256 total[Tokens];
     float tail[Tokens];
     for (int t = 0; t < Tokens; ++t) {
-      even[t] = _mm256_setzero_ps();
-      odd[t] = _mm256_setzero_ps();
+      total[t] = _mm256_setzero_ps();
       tail[t] = 0.f;
     }
-    restorer.visit(
-        n,
-        [&](int64_t col, __m256 w0, __m256 w1) {
-          const bool two = col + 16 <= k;
-          for (int t = 0; t < Tokens; ++t) {
-            const float* xt = x + t * k + col;
-            even[t] = _mm256_fmadd_ps(_mm256_loadu_ps(xt), w0, even[t]);
-            if (two) odd[t] = _mm256_fmadd_ps(_mm256_loadu_ps(xt + 8), w1, odd[t]);
-          }
-        },
-        [&](int64_t col, float w) {
-          for (int t = 0; t < Tokens; ++t) tail[t] += x[t * k + col] * w;
-        });
-    for (int t = 0; t < Tokens; ++t) {
-      y[t * out + n] = horizontal_sum(_mm256_add_ps(even[t], odd[t])) + tail[t];
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const int64_t c0 = g * p.group_len;
+      const int64_t len = std::min<int64_t>(k, c0 + p.group_len) - c0;
+      const int64_t full = len / 8 * 8;
+      __m256 even[Tokens], odd[Tokens];
+      for (int t = 0; t < Tokens; ++t) even[t] = odd[t] = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 16 <= full; i += 16) {
+        const __m256 v0 = values8(codes + c0 + i, p.values, p.bits, rows.table());
+        const __m256 v1 = values8(codes + c0 + i + 8, p.values, p.bits, rows.table());
+        for (int t = 0; t < Tokens; ++t) {
+          const float* xt = x + t * k + c0 + i;
+          even[t] = _mm256_fmadd_ps(_mm256_loadu_ps(xt), v0, even[t]);
+          odd[t] = _mm256_fmadd_ps(_mm256_loadu_ps(xt + 8), v1, odd[t]);
+        }
+      }
+      if (i < full) {
+        const __m256 v0 = values8(codes + c0 + i, p.values, p.bits, rows.table());
+        for (int t = 0; t < Tokens; ++t) {
+          even[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * k + c0 + i), v0, even[t]);
+        }
+      }
+      const float s = rows.scale(g), z = rows.zero(g);
+      const __m256 scale = _mm256_set1_ps(s), zero = _mm256_set1_ps(z);
+      for (int t = 0; t < Tokens; ++t) {
+        const __m256 dot = _mm256_fnmadd_ps(zero, sums[t * p.groups + g], _mm256_add_ps(even[t], odd[t]));
+        total[t] = _mm256_fmadd_ps(scale, dot, total[t]);
+      }
+      for (int64_t j = full; j < len; ++j) {  // a group's last columns past a multiple of 8
+        const uint8_t q = codes[c0 + j];
+        const float w = ((p.values ? p.values[q] : float(q)) - z) * s;
+        for (int t = 0; t < Tokens; ++t) tail[t] += x[t * k + c0 + j] * w;
+      }
     }
+    for (int t = 0; t < Tokens; ++t) y[t * out + n] = horizontal_sum(total[t]) + tail[t];
   }
 }
 #endif
@@ -122,14 +160,18 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t bits, i
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / in_features);
+#ifdef __AVX2__
+  const std::vector<__m256> sums = tokens <= 4 ? lane_sums(p, xp, tokens) : std::vector<__m256>();
+#endif
   at::parallel_for(0, out_features, grain, [&](int64_t n0, int64_t n1) {
     RowRestorer restorer(p);
 #ifdef __AVX2__
+    const __m256* s = sums.data();
     switch (tokens) {  // a fixed count keeps every sum in a register
-      case 1: return fused_rows<1>(restorer, xp, in_features, yp, out_features, n0, n1);
-      case 2: return fused_rows<2>(restorer, xp, in_features, yp, out_features, n0, n1);
-      case 3: return fused_rows<3>(restorer, xp, in_features, yp, out_features, n0, n1);
-      case 4: return fused_rows<4>(restorer, xp, in_features, yp, out_features, n0, n1);
+      case 1: return fused_rows<1>(p, restorer, xp, s, yp, out_features, n0, n1);
+      case 2: return fused_rows<2>(p, restorer, xp, s, yp, out_features, n0, n1);
+      case 3: return fused_rows<3>(p, restorer, xp, s, yp, out_features, n0, n1);
+      case 4: return fused_rows<4>(p, restorer, xp, s, yp, out_features, n0, n1);
       default: break;
     }
 #endif

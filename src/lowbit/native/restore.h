@@ -182,10 +182,22 @@ struct Params {
   float limit;
 };
 
+// Widening to float32 is exact for every stored dtype (hardware conversion where there is one).
 inline float load_float(const void* base, at::ScalarType type, int64_t i) {
   switch (type) {
-    case at::kHalf: return float(static_cast<const c10::Half*>(base)[i]);
-    case at::kBFloat16: return float(static_cast<const c10::BFloat16*>(base)[i]);
+    case at::kHalf: {
+#ifdef __F16C__
+      return _cvtsh_ss(static_cast<const uint16_t*>(base)[i]);
+#else
+      return float(static_cast<const c10::Half*>(base)[i]);
+#endif
+    }
+    case at::kBFloat16: {
+      const uint32_t bits = uint32_t(static_cast<const uint16_t*>(base)[i]) << 16;
+      float value;
+      std::memcpy(&value, &bits, 4);
+      return value;
+    }
     default: return static_cast<const float*>(base)[i];
   }
 }
@@ -286,43 +298,21 @@ class RowRestorer {
     }
   }
 
-#ifdef __AVX2__
-  // Row r's weights in float32, sixteen at a time: vector(col, w0, w1) for the weights at
-  // col..col+7 and col+8..col+15 (w1 zero when only eight are left in the group), scalar(col, w)
-  // for the rest. The caller must read only in-row columns: x past the row is multiplied by 0.
-  template <typename Vector, typename Scalar>
-  void visit(int64_t r, Vector&& vector, Scalar&& scalar) {
-    prepare(r);
-    const __m256 limit = _mm256_set1_ps(p_.limit);
-    for (int64_t g = 0; g < p_.groups; ++g) {
-      const int64_t c0 = g * p_.group_len;
-      const int64_t n = std::min<int64_t>(p_.cols, c0 + p_.group_len) - c0;
-      const __m256 zero = _mm256_set1_ps(zeros_[g]), scale = _mm256_set1_ps(scales_[g]);
-      int64_t i = 0;
-      for (; i + 16 <= n; i += 16) {
-        const uint8_t* q = codes_.data() + c0 + i;
-        vector(c0 + i, weights8(values8(q, p_.values, p_.bits, table_), zero, scale, limit),
-               weights8(values8(q + 8, p_.values, p_.bits, table_), zero, scale, limit));
-      }
-      for (; i + 8 <= n; i += 8) {
-        const __m256 value = values8(codes_.data() + c0 + i, p_.values, p_.bits, table_);
-        vector(c0 + i, weights8(value, zero, scale, limit), _mm256_setzero_ps());
-      }
-      for (; i < n; ++i) {
-        const uint8_t q = codes_[c0 + i];
-        scalar(c0 + i, restore_one<float>(p_.values ? p_.values[q] : float(q), zeros_[g], scales_[g], p_.limit));
-      }
-    }
-  }
-#endif
 
- private:
-  // The same float32 arithmetic as QuantizedTensor.zero_points.
+  // Unpacks row r's codes and loads its groups' scales and zero points (the accessors below).
   void prepare(int64_t r) {
     unpack_row(p_.packed + r * p_.row_bytes, p_.bits, p_.cols, codes_.data());
     load_params(p_.per_row ? r : 0);
   }
+  const uint8_t* codes() const { return codes_.data(); }
+  float scale(int64_t g) const { return scales_[g]; }
+  float zero(int64_t g) const { return zeros_[g]; }
+#ifdef __AVX2__
+  const ValueTable& table() const { return table_; }
+#endif
 
+ private:
+  // The same float32 arithmetic as QuantizedTensor.zero_points.
   void load_params(int64_t srow) {
     if (srow == loaded_row_) return;
     for (int64_t g = 0; g < p_.groups; ++g) {

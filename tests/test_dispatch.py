@@ -76,11 +76,17 @@ def test_table_rankings_with_the_float32_accuracy_rule(table):
 
 def test_unusable_and_unknown_paths_are_skipped(table):
     table({"float32": {"int4": [["not_a_kernel", "cpu_int4pack", DEQUANTIZE_FP32]] * 4}})
-    # No usable path in the ranking (dequantize_fp32 means nothing for float32): dequantize.
-    assert plan_for(int4(), CPU, torch.float32).summary() == DEQUANTIZE
+    # No usable path in the ranking (dequantize_fp32 means nothing for float32): dequantize,
+    # after the kernels the table never measured (cpu_native), up to their max_tokens.
+    assert plan_for(int4(), CPU, torch.float32).summary() == "cpu_native:1-4,dequantize:5+"
     # The packed kernels do not take a group of 16 even when allowed: the same.
     qt = quantize(torch.randn(64, 128), QuantSpec(bits=4, group_size=16))
-    assert plan_for(qt, CPU, torch.float32, allow_bf16=True).summary() == DEQUANTIZE
+    assert plan_for(qt, CPU, torch.float32, allow_bf16=True).summary() == (
+        "cpu_native:1-4,dequantize:5+"
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOWBIT_NATIVE", "0")
+        assert plan_for(int4(), CPU, torch.float32).summary() == DEQUANTIZE
 
 
 def test_formats_the_table_lacks_follow_the_registry(table):
@@ -102,15 +108,15 @@ def test_formats_the_table_lacks_follow_the_registry(table):
     ],
     ids=["truncated", "other-version", "not-an-object", "length-mismatch", "wrong-types"],
 )
-def test_a_bad_table_is_ignored(table, text):
+def test_a_bad_table_is_ignored(table, text, monkeypatch):
     path = table({})
     path.write_text(text)
     dispatch.forget_tables()
-    kernel = get_kernel("cpu_native")
-    # The registry's order, as with no table at all (the shipped one is behind this one only
-    # when this one is unreadable: LOWBIT_DISPATCH_TABLE comes first).
-    plan = plan_for(int4(), CPU, torch.float32)
-    assert plan.path(1) == "cpu_native" and plan.path(kernel.max_tokens + 1000) == DEQUANTIZE
+    # Skipped for the next table in line (this machine's, else the shipped one).
+    got = plan_for(int4(), CPU, torch.float32)
+    monkeypatch.delenv("LOWBIT_DISPATCH_TABLE")
+    dispatch.forget_tables()
+    assert got == plan_for(int4(), CPU, torch.float32)
 
 
 def test_the_shipped_table_is_complete():
@@ -159,3 +165,24 @@ def test_cli_tune_refuses_files_it_did_not_write(tmp_path, capsys):
     assert mine.read_text() == '{"my": "data"}'
     assert main(["tune", "--out", str(tmp_path / "t.json"), "--repeats", "0"]) == 2
     assert not (tmp_path / "t.json").exists()
+
+
+def test_a_kernel_newer_than_the_table_outranking_it_serves_its_range(table, monkeypatch):
+    from lowbit.kernels import Kernel, registry
+
+    table({"float32": {"int4": [["cpu_native"], ["cpu_native"], [DEQUANTIZE], [DEQUANTIZE]]}})
+    fast = Kernel(
+        "test_newer",
+        lambda qt, device: True,
+        lambda qt: {},
+        lambda x, prepared, bias: x,
+        max_tokens=8,
+        priority=50,
+        fp32_exact=True,
+    )
+    monkeypatch.setattr(registry, "_KERNELS", {**registry._KERNELS, fast.name: fast})
+    assert plan_for(int4(), CPU, torch.float32).summary() == "test_newer:1-8,dequantize:9+"
+    slow = Kernel(**{**fast.__dict__, "name": "test_lower", "priority": 0})
+    monkeypatch.setattr(registry, "_KERNELS", {**registry._KERNELS, slow.name: slow})
+    del registry._KERNELS["test_newer"]
+    assert plan_for(int4(), CPU, torch.float32).summary() == "cpu_native:1-4,dequantize:5+"

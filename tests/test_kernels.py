@@ -265,7 +265,7 @@ def test_the_highest_priority_supporting_kernel_wins(monkeypatch):
     builtin = select_kernel(qt, "cpu")
     assert builtin is not None and builtin.priority == 10
     takes_all = {"supports": lambda qt, device: True}
-    below = dummy_kernel(name="test_below", priority=5, **takes_all)
+    below = dummy_kernel(name="test_below", priority=0, **takes_all)
     above = dummy_kernel(name="test_above", priority=20, **takes_all)
     kernels = {**registry._KERNELS, below.name: below}
     monkeypatch.setattr(registry, "_KERNELS", kernels)

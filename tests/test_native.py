@@ -214,6 +214,28 @@ def test_linear_is_fp32_accurate(spec, tokens):
     assert float((got.double() - want).abs().max() / scale) <= 1e-5
 
 
+@pytest.mark.parametrize("tile_rows", [1, 16, 17, 40, 1000])
+@pytest.mark.parametrize("tokens", [0, 1, 7, 70])
+def test_linear_tiled_is_fp32_accurate_across_tiles(tile_rows, tokens):
+    gen = torch.Generator().manual_seed(tokens + tile_rows)
+    qt = quantize(torch.randn(40, 203, generator=gen), QuantSpec(bits=4, group_size=64))
+    x = torch.randn(tokens, 203, generator=gen)
+    got = torch.ops.lowbit_native.linear_tiled(x, *native.weight_args(qt), 40, tile_rows)
+    assert got.dtype == torch.float32 and got.shape == (tokens, 40)
+    if tokens:
+        want = torch.nn.functional.linear(x.double(), qt.dequantize(torch.float32).double())
+        assert float((got.double() - want).abs().max() / want.abs().max()) <= 1e-5
+    assert torch.equal(native.linear_tiled(x, qt), got) or tile_rows != native.tile_rows(203)
+    with pytest.raises(RuntimeError, match="tile_rows must be positive"):
+        torch.ops.lowbit_native.linear_tiled(x, *native.weight_args(qt), 40, 0)
+
+
+def test_tile_rows_fit_the_cache_budget():
+    assert native.tile_rows(4096) == 256 and native.tile_rows(576) % 16 == 0
+    assert native.tile_rows(10**9) == 16
+    assert native.tile_rows(576) * 576 * 4 <= native.TILE_BYTES
+
+
 def test_linear_bad_arguments():
     qt = quantize(torch.randn(16, 64), QuantSpec(bits=4, group_size=32))
     with pytest.raises(RuntimeError, match="x must be contiguous float32"):
@@ -234,5 +256,8 @@ def test_operators_agree_with_their_fake_kernels():
     qt = quantize(torch.randn(24, 96), QuantSpec(bits=4, group_size=32))
     args = native.weight_args(qt)
     torch.library.opcheck(torch.ops.lowbit_native.linear.default, (torch.randn(3, 96), *args, 24))
+    torch.library.opcheck(
+        torch.ops.lowbit_native.linear_tiled.default, (torch.randn(3, 96), *args, 24, 16)
+    )
     out = torch.empty(24, 96)
     torch.library.opcheck(torch.ops.lowbit_native.dequantize_.default, (*args, 3e38, out))

@@ -76,7 +76,7 @@ def table_path(device_type: str = "cpu") -> Path:
 def load_table(device_type: str = "cpu") -> dict | None:
     """This machine's table if ``lowbit tune`` wrote one, else the shipped one, else None
     (``LOWBIT_DISPATCH_TABLE=PATH`` names another file). Read once per process; a file that
-    does not parse as a version-1 table is ignored."""
+    does not parse as a valid version-1 table is skipped for the next one."""
     if device_type not in _tables:
         candidates = [os.environ.get("LOWBIT_DISPATCH_TABLE")]
         candidates += [table_path(device_type), _SHIPPED / f"dispatch_{device_type}.json"]
@@ -87,10 +87,34 @@ def load_table(device_type: str = "cpu") -> dict | None:
                     data = json.loads(Path(candidate).read_text(encoding="utf-8"))
                 except (OSError, ValueError):
                     continue
-                if isinstance(data, dict) and data.get("version") == TABLE_VERSION:
+                if _valid(data):
                     _tables[device_type] = data
                     break
     return _tables[device_type]
+
+
+def _valid(data: object) -> bool:
+    """Whether ``data`` is a version-1 table: ascending positive ``tokens``, and per dtype and
+    format one list of path names per token count."""
+    if not isinstance(data, dict) or data.get("version") != TABLE_VERSION:
+        return False
+    tokens, rankings = data.get("tokens"), data.get("rankings")
+    if not isinstance(tokens, list) or not tokens or not isinstance(rankings, dict):
+        return False
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in tokens):
+        return False
+    if tokens != sorted(set(tokens)):
+        return False
+    for per_format in rankings.values():
+        if not isinstance(per_format, dict):
+            return False
+        for per_tokens in per_format.values():
+            if not isinstance(per_tokens, list) or len(per_tokens) != len(tokens):
+                return False
+            for names in per_tokens:
+                if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                    return False
+    return True
 
 
 def forget_tables() -> None:
@@ -134,6 +158,16 @@ def plan_for(
                 return Plan(((candidate.max_tokens, candidate.name), (None, DEQUANTIZE)))
         return Plan(((None, DEQUANTIZE),))
     steps: list[tuple[int | None, str]] = []
+    # A kernel registered after the table was measured is not in it: when it outranks every
+    # measured kernel that could serve, it serves up to its max_tokens (its author's claim).
+    measured = {name for _, names in ranked for name in names}
+    newer = [k for k in kernels if k.name in usable and k.name not in measured]
+    best_measured = max((k.priority for k in kernels if k.name in usable & measured), default=None)
+    if newer and (best_measured is None or newer[0].priority > best_measured):
+        steps.append((newer[0].max_tokens, newer[0].name))
+        ranked = [(tokens, names) for tokens, names in ranked if tokens > newer[0].max_tokens]
+        if not ranked:
+            return Plan((*steps, (None, DEQUANTIZE)))
     for index, (tokens, names) in enumerate(ranked):
         choice = DEQUANTIZE
         for name in names:
@@ -160,10 +194,4 @@ def _ranking(device_type: str, dtype: torch.dtype, key: str) -> list | None:
     per_format = by_dtype.get(name) or (by_dtype.get("bfloat16") if name == "float16" else None)
     if not isinstance(per_format, dict) or key not in per_format:
         return None
-    tokens = data.get("tokens", [])
-    rankings = per_format[key]
-    if not isinstance(tokens, list) or not isinstance(rankings, list):
-        return None
-    if len(tokens) != len(rankings) or not tokens:
-        return None
-    return list(zip(tokens, rankings, strict=True))
+    return list(zip(data["tokens"], per_format[key], strict=True))

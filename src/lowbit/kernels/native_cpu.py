@@ -5,7 +5,8 @@ dense-layout format (every grid, width, zero point and group layout, ragged grou
 and sums in float32: a float32 input gets float32-accurate output, unlike PyTorch's packed
 kernels, which compute in bfloat16. It reads the canonical codes in place (no second copy of the
 weight). It is fastest for a few tokens; the dispatch table (`lowbit.kernels.dispatch`) says up
-to how many, per format.
+to how many, per format. `cpu_native_tiled` serves larger batches: the weight restored a
+cache-sized tile at a time, each tile multiplied by PyTorch's GEMM while it is in cache.
 """
 
 from __future__ import annotations
@@ -34,6 +35,34 @@ def _run(x, prepared, bias):
     return finish_output(y, x, bias)
 
 
+def _prepare_tiled(qt: QuantizedTensor) -> dict:
+    prepared = _prepare(qt)
+    prepared["tile_rows"] = native.tile_rows(qt.shape[1])
+    return prepared
+
+
+def _run_tiled(x, prepared, bias):
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    y = torch.ops.lowbit_native.linear_tiled(
+        x2, *prepared["args"], prepared["out_features"], prepared["tile_rows"]
+    )
+    return finish_output(y, x, bias)
+
+
 register_kernel(
     Kernel("cpu_native", _supports, _prepare, _run, max_tokens=4, priority=5, fp32_exact=True)
+)
+# Larger batches: restore a cache-sized tile of rows, multiply it with PyTorch's GEMM while it
+# is in cache (no round trip of the whole float weight through memory). Priority below every
+# small-batch kernel: the dispatch table says from how many tokens it wins.
+register_kernel(
+    Kernel(
+        "cpu_native_tiled",
+        _supports,
+        _prepare_tiled,
+        _run_tiled,
+        max_tokens=1 << 30,
+        priority=1,
+        fp32_exact=True,
+    )
 )

@@ -2,10 +2,9 @@
 and token count, timed on this machine (``lowbit tune``; ``benchmarks/bench_dispatch.py``).
 
 Each format is quantized once (a 2048 x 2048 Gaussian weight), each path runs the same input,
-and the median of several calls after a warm-up is kept. A kernel more than `GIVE_UP` times
-slower than the fastest at some token count is not measured at larger counts (it is ranked
-last there; kernels' time grows linearly with tokens), so the table takes a minute or two on
-two cores.
+and the median of several calls after a warm-up is kept. A path more than `GIVE_UP` times
+slower than the fastest whose time grows with the tokens is not measured at larger counts (it
+is ranked last there), so the table takes a minute or two on two cores.
 """
 
 from __future__ import annotations
@@ -101,18 +100,23 @@ def measure(
             name = str(dtype).removeprefix("torch.")
             paths = _paths(qt, dtype)
             dropped: set[str] = set()
+            last: dict[str, float] = {}
+            last_count = 1
             per_tokens_rank, per_tokens_ms = [], []
             for count in tokens:
                 x = torch.randn(count, shape[1], generator=gen).to(dtype)
                 ms = {p: _median_ms(lambda f=f, x=x: f(x), repeats) for p, f in paths.items()
                       if p not in dropped}
                 best = min(ms.values())
-                # Kernels grow linearly with tokens: one far behind stays behind. The dequantize
-                # paths pay a fixed cost first and catch up, so they are always measured.
-                dropped |= {
-                    p for p, t in ms.items()
-                    if t > GIVE_UP * best and p not in (DEQUANTIZE, DEQUANTIZE_FP32)
-                }
+                # A path far behind whose time grows with the tokens (a small-batch kernel)
+                # stays behind; one with a fixed cost first (dequantize, tiles) catches up, so
+                # it is measured on.
+                for path, spent in ms.items():
+                    before = last.get(path)
+                    growing = before is None or spent >= 0.75 * before * count / last_count
+                    if spent > GIVE_UP * best and growing and before is not None:
+                        dropped.add(path)
+                last, last_count = ms, count
                 order = sorted(ms, key=ms.get) + sorted(set(paths) - set(ms))
                 previous = per_tokens_rank[-1][0] if per_tokens_rank else None
                 if previous in ms and ms[previous] <= (1 + HYSTERESIS) * best:

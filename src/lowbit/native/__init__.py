@@ -69,6 +69,11 @@ def _register_fakes() -> None:
                      out_features):
         return x.new_empty(x.shape[0], out_features)
 
+    @torch.library.register_fake("lowbit_native::linear_tiled")
+    def _linear_tiled_fake(x, packed, bits, group_len, scale, zero_kind, zero, center, vmin,
+                           values, out_features, tile_rows):
+        return x.new_empty(out_features, x.shape[0]).t()
+
     @torch.library.register_fake("lowbit_native::dequantize_")
     def _dequantize_fake(packed, bits, group_len, scale, zero_kind, zero, center, vmin, values,
                          limit, out):
@@ -224,3 +229,28 @@ def linear(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
     """
     _require(qt)
     return torch.ops.lowbit_native.linear(x, *weight_args(qt), qt.shape[0])
+
+
+# Bytes of float32 weight restored per tile in `linear_tiled`: the tile must stay in cache
+# while the GEMM reads it (4 MiB measured best on the development machine's L3, 2026-12-08).
+TILE_BYTES = 4 << 20
+
+
+def tile_rows(in_features: int) -> int:
+    """Rows per tile of `linear_tiled` for a weight with ``in_features`` columns (a multiple of
+    16, at least 16)."""
+    return max(16, TILE_BYTES // (4 * max(1, in_features)) // 16 * 16)
+
+
+def linear_tiled(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
+    """``x @ W.T`` like `linear`, for larger batches: the weight is restored in float32 a tile
+    of `tile_rows` rows at a time and each tile multiplied by PyTorch's GEMM while it is in
+    cache. Returns float32 ``[tokens, out]`` (a transposed view of a ``[out, tokens]`` tensor).
+
+    Raises:
+        RuntimeError: `supports` is False for ``qt``, or ``x`` is not contiguous float32
+            ``[tokens, in]``.
+    """
+    _require(qt)
+    rows = tile_rows(qt.shape[1])
+    return torch.ops.lowbit_native.linear_tiled(x, *weight_args(qt), qt.shape[0], rows)

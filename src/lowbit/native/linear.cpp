@@ -5,6 +5,7 @@
 // packed int4/int8 CPU kernels compute in bfloat16). Threaded over output rows.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -185,6 +186,44 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t bits, i
   return y;
 }
 
+// x float32 [tokens, in] (contiguous) times the weight restored tile by tile: `tile_rows` rows
+// at a time go into a float32 buffer small enough to stay in cache, and PyTorch's GEMM
+// multiplies the tile while it is there, writing rows of y^T. The weight never makes the round
+// trip through memory that dequantize + F.linear costs it. Returns float32 [tokens, out].
+at::Tensor linear_tiled(const at::Tensor& x, const at::Tensor& packed, int64_t bits,
+                        int64_t group_len, const at::Tensor& scale, int64_t zero_kind,
+                        const std::optional<at::Tensor>& zero, double center, double vmin,
+                        const std::optional<at::Tensor>& values, int64_t out_features,
+                        int64_t tile_rows) {
+  const char* op = "linear_tiled";
+  check(x.device().is_cpu(), op, "CPU tensors only");
+  check(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), op,
+        "x must be contiguous float32 [tokens, in_features]");
+  check(tile_rows >= 1, op, "tile_rows must be positive");
+  const int64_t tokens = x.size(0), in_features = x.size(1);
+  const Params p = make_params(op, out_features, in_features, packed, bits, group_len, scale,
+                               zero_kind, zero, center, vmin, values,
+                               std::numeric_limits<float>::max());
+  at::Tensor y_t = at::empty({out_features, tokens}, x.options());
+  if (tokens == 0 || out_features == 0) return y_t.t();
+  if (in_features == 0) return y_t.zero_().t();
+  const int64_t rows = std::min(tile_rows, out_features);
+  at::Tensor tile = at::empty({rows, in_features}, x.options());
+  float* tp = tile.data_ptr<float>();
+  const at::Tensor x_t = x.t();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / in_features);
+  for (int64_t n0 = 0; n0 < out_features; n0 += rows) {
+    const int64_t n = std::min(rows, out_features - n0);
+    at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
+      RowRestorer restorer(p);
+      for (int64_t r = r0; r < r1; ++r) restorer.restore(n0 + r, tp + r * in_features);
+    });
+    at::Tensor rows_of_y = y_t.narrow(0, n0, n);
+    at::mm_out(rows_of_y, tile.narrow(0, 0, n), x_t);
+  }
+  return y_t.t();
+}
+
 }  // namespace
 }  // namespace lowbit
 
@@ -193,4 +232,9 @@ TORCH_LIBRARY_FRAGMENT(lowbit_native, m) {
       "linear(Tensor x, Tensor packed, int bits, int group_len, Tensor scale, int zero_kind, "
       "Tensor? zero, float center, float vmin, Tensor? values, int out_features) -> Tensor");
   m.impl("linear", c10::DispatchKey::CPU, TORCH_FN(lowbit::linear));
+  m.def(
+      "linear_tiled(Tensor x, Tensor packed, int bits, int group_len, Tensor scale, "
+      "int zero_kind, Tensor? zero, float center, float vmin, Tensor? values, int out_features, "
+      "int tile_rows) -> Tensor");
+  m.impl("linear_tiled", c10::DispatchKey::CPU, TORCH_FN(lowbit::linear_tiled));
 }

@@ -70,8 +70,13 @@ def test_table_rankings_with_the_float32_accuracy_rule(table):
         "cpu_int4pack:1-4,dequantize:5+"
     )
     assert plan_for(qt, CPU, torch.bfloat16).summary() == "cpu_int4pack:1-4,dequantize_fp32:5+"
-    # float16 inputs use the bfloat16 rankings when the table has none of their own.
-    assert plan_for(qt, CPU, torch.float16).summary() == "cpu_int4pack:1-4,dequantize_fp32:5+"
+    # float16 inputs use the bfloat16 rankings when the table has none of their own, and
+    # like float32 and float64 ones no bfloat16 kernel unless allowed.
+    assert plan_for(qt, CPU, torch.float16).summary() == "cpu_native:1-4,dequantize_fp32:5+"
+    assert plan_for(qt, CPU, torch.float16, allow_bf16=True).summary() == (
+        "cpu_int4pack:1-4,dequantize_fp32:5+"
+    )
+    assert "cpu_int4pack" not in plan_for(qt, CPU, torch.float64).summary()
 
 
 def test_unusable_and_unknown_paths_are_skipped(table):
@@ -186,3 +191,35 @@ def test_a_kernel_newer_than_the_table_outranking_it_serves_its_range(table, mon
     monkeypatch.setattr(registry, "_KERNELS", {**registry._KERNELS, slow.name: slow})
     del registry._KERNELS["test_newer"]
     assert plan_for(int4(), CPU, torch.float32).summary() == "cpu_native:1-4,dequantize:5+"
+
+
+def test_a_newer_kernel_covering_every_bucket_keeps_the_last_row(table, monkeypatch):
+    from lowbit.kernels import Kernel, registry
+
+    table({"float32": {"int4": [["cpu_native"]] * 3 + [["cpu_native_tiled"]]}})
+    wide = Kernel(
+        "test_wide", lambda qt, device: True, lambda qt: {}, lambda x, p, b: x,
+        max_tokens=10_000, priority=50, fp32_exact=True,
+    )
+    monkeypatch.setattr(registry, "_KERNELS", {**registry._KERNELS, wide.name: wide})
+    assert plan_for(int4(), CPU, torch.float32).summary() == (
+        "test_wide:1-10000,cpu_native_tiled:10001+"
+    )
+
+
+def test_layers_plan_again_after_a_registration_or_a_new_table(table, monkeypatch):
+    from lowbit.kernels import Kernel, registry
+
+    layer = QuantLinear.from_linear(torch.nn.Linear(128, 64), QuantSpec(bits=4, group_size=64))
+    table({"float32": {"int4": [["cpu_native"], ["cpu_native"], [DEQUANTIZE], [DEQUANTIZE]]}})
+    assert layer.plan().summary() == "cpu_native:1-4,dequantize:5+"
+    # forget_tables: layers plan again (cpu_native measured, slower everywhere)
+    table({"float32": {"int4": [[DEQUANTIZE, "cpu_native"]] * 4}})
+    assert layer.plan().summary() == DEQUANTIZE
+    newer = Kernel(
+        "test_registered_later", lambda qt, device: True, lambda qt: {}, lambda x, p, b: x,
+        max_tokens=2, priority=50, fp32_exact=True,
+    )
+    monkeypatch.setattr(registry, "_KERNELS", dict(registry._KERNELS))
+    registry.register_kernel(newer)
+    assert layer.plan().summary() == "test_registered_later:1-2,dequantize:3+"

@@ -261,3 +261,42 @@ def test_operators_agree_with_their_fake_kernels():
     )
     out = torch.empty(24, 96)
     torch.library.opcheck(torch.ops.lowbit_native.dequantize_.default, (*args, 3e38, out))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=8, granularity="channel"),
+        QuantSpec(bits=8, granularity="tensor", symmetric=True),
+        QuantSpec(bits=8, group_size=64),
+        QuantSpec(bits=4, group_size=128),
+    ],
+    ids=lambda spec: spec.label,
+)
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_fused_linear_keeps_float32_accuracy_with_large_zero_points(spec, tokens):
+    """All-positive inputs make sum(q x) and z * sum(x) large and close (z ~ 128 at 8 bits):
+    the kernel must not cancel the digits away (it sums (q - c) x with c the grid centre)."""
+    gen = torch.Generator().manual_seed(1)
+    qt = quantize(torch.randn(64, 4096, generator=gen), spec)
+    x = torch.rand(tokens, 4096, generator=gen) + 1
+    want = torch.nn.functional.linear(x.double(), qt.dequantize(torch.float32).double())
+    got = native.linear(x, qt).double()
+    assert float((got - want).norm() / want.norm()) <= 5e-6  # F.linear itself: ~6e-7
+
+
+def test_tiled_output_is_contiguous():
+    qt = quantize(torch.randn(64, 128), QuantSpec(bits=4, group_size=64))
+    y = native.linear_tiled(torch.randn(10, 128), qt)
+    assert y.is_contiguous() and y.shape == (10, 64)
+
+
+def test_codebook_tables_ignore_the_default_dtype(monkeypatch):
+    qt = quantize(torch.randn(16, 64), QuantSpec(bits=4, grid="nf4", group_size=64))
+    want = eager(qt, torch.float32, monkeypatch)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert_same_bits(qt.dequantize(torch.float32), want)
+    finally:
+        torch.set_default_dtype(previous)

@@ -647,7 +647,7 @@ def cmd_tune(args) -> int:
     if isinstance(args.repeats, bool) or not 1 <= args.repeats <= 1000:
         raise ValueError(f"--repeats must be in 1..1000, got {args.repeats}")
     target = check_output_file(args.out or dispatch.table_path("cpu"), "--out")
-    print("timing every path (a minute or two; keep other work off this machine meanwhile)")
+    print("timing every path (a few minutes; keep other work off this machine meanwhile)")
     table = tuning.measure(repeats=args.repeats, progress=lambda line: print(" ", line))
     table["command"] = "lowbit tune" + (f" --repeats {args.repeats}" if args.repeats != 5 else "")
     write_json(target, "dispatch", table)

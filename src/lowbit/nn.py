@@ -12,6 +12,7 @@ from torch import nn
 from lowbit.dtypes import FLOAT_DTYPES
 from lowbit.grids import get_grid
 from lowbit.kernels import DEQUANTIZE, Kernel, get_kernel
+from lowbit.kernels import registry as kernel_registry
 from lowbit.kernels.dispatch import DEQUANTIZE_FP32, Plan, plan_for
 from lowbit.quantize import quantize
 from lowbit.rotation import rotate, unpack_signs
@@ -265,6 +266,9 @@ class QuantLinear(nn.Module):
         device = torch.device(device) if device is not None else self.packed.device
         dtype = dtype or self.weight_dtype
         key = (device, dtype)
+        if self._planned_at != kernel_registry.changes():
+            self._plans.clear()  # a kernel registered or a dispatch table re-read since
+            self._planned_at = kernel_registry.changes()
         plan = self._plans.get(key)
         if plan is None:
             if self.kernel not in ("auto", DEQUANTIZE):
@@ -347,6 +351,7 @@ class QuantLinear(nn.Module):
         """Forget everything derived from the buffers (kernel choice and layout, float weight)."""
         self._signs: torch.Tensor | None = None
         self._plans: dict[tuple[torch.device, torch.dtype], Plan] = {}
+        self._planned_at = kernel_registry.changes()
         self._prepared: dict[tuple[str, torch.device], dict] = {}
         self._dequantized: torch.Tensor | None = None
 

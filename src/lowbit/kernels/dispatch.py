@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from lowbit.grids import get_grid
+from lowbit.kernels import registry
 from lowbit.kernels.registry import DEQUANTIZE, Kernel, available_kernels, get_kernel
 from lowbit.tensor import QuantizedTensor
 
@@ -118,17 +119,20 @@ def _valid(data: object) -> bool:
 
 
 def forget_tables() -> None:
-    """Drop the tables read so far (after ``lowbit tune`` wrote a new one)."""
+    """Drop the tables read so far (after ``lowbit tune`` wrote a new one); layers plan again."""
     _tables.clear()
+    registry.note_change()
 
 
 def allowed(
     kernel: Kernel, qt: QuantizedTensor, device: torch.device, dtype: torch.dtype, allow_bf16: bool
 ) -> bool:
-    """Whether ``kernel`` may run ``qt`` for ``dtype`` inputs on ``device``."""
-    if dtype == torch.float32 and not (kernel.fp32_exact or allow_bf16):
+    """Whether ``kernel`` may run ``qt`` for ``dtype`` inputs on ``device``: a kernel that
+    computes in bfloat16 serves only bfloat16 inputs, unless ``allow_bf16`` (float16 and
+    float64 inputs would lose precision in it as float32 ones do)."""
+    if dtype != torch.bfloat16 and not (kernel.fp32_exact or allow_bf16):
         return False
-    return kernel.supports(qt, device)
+    return kernel.max_tokens > 0 and kernel.supports(qt, device)
 
 
 def plan_for(
@@ -165,9 +169,8 @@ def plan_for(
     best_measured = max((k.priority for k in kernels if k.name in usable & measured), default=None)
     if newer and (best_measured is None or newer[0].priority > best_measured):
         steps.append((newer[0].max_tokens, newer[0].name))
-        ranked = [(tokens, names) for tokens, names in ranked if tokens > newer[0].max_tokens]
-        if not ranked:
-            return Plan((*steps, (None, DEQUANTIZE)))
+        # Larger batches: the table's rows above its range (the last row for any size).
+        ranked = [row for row in ranked if row[0] > newer[0].max_tokens] or ranked[-1:]
     for index, (tokens, names) in enumerate(ranked):
         choice = DEQUANTIZE
         for name in names:
@@ -180,7 +183,7 @@ def plan_for(
         limit = None if index == len(ranked) - 1 else tokens
         if steps and steps[-1][1] == choice:
             steps[-1] = (limit, choice)
-        else:
+        elif not steps or limit is None or limit > steps[-1][0]:
             steps.append((limit, choice))
     return Plan(tuple(steps))
 

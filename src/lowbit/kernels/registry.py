@@ -65,6 +65,19 @@ DEQUANTIZE = "dequantize"
 
 
 _KERNELS: dict[str, Kernel] = {}
+# Bumped whenever what a layer's plan depends on changes (a kernel registered, a dispatch table
+# re-read): layers compare it with the value they planned at.
+_changes = [0]
+
+
+def note_change() -> None:
+    """Make every layer plan again on its next forward."""
+    _changes[0] += 1
+
+
+def changes() -> int:
+    """How many times `note_change` ran (a layer's plans are current while this is unchanged)."""
+    return _changes[0]
 
 
 def register_kernel(kernel: Kernel) -> Kernel:
@@ -77,6 +90,7 @@ def register_kernel(kernel: Kernel) -> Kernel:
     if kernel.name in _KERNELS:
         raise ValueError(f"kernel {kernel.name!r} is already registered")
     _KERNELS[kernel.name] = kernel
+    note_change()
     return kernel
 
 

@@ -1,10 +1,10 @@
 """Measure the dispatch table (`lowbit.kernels.dispatch`): every path, per format, input dtype
 and token count, timed on this machine (``lowbit tune``; ``benchmarks/bench_dispatch.py``).
 
-Each format is quantized once (a 2048 x 2048 Gaussian weight), each path runs the same input,
+Each format is quantized once (a 4096 x 4096 Gaussian weight), each path runs the same input,
 and the median of several calls after a warm-up is kept. A path more than `GIVE_UP` times
 slower than the fastest whose time grows with the tokens is not measured at larger counts (it
-is ranked last there), so the table takes a minute or two on two cores.
+is ranked last there), so the table takes a few minutes on two cores.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from lowbit.tensor import QuantizedTensor
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 DTYPES = (torch.float32, torch.bfloat16)
-SHAPE = (2048, 2048)
+SHAPE = (4096, 4096)  # the common LLM projection size; crossovers move with it
 GIVE_UP = 4.0
 HYSTERESIS = 0.1
 # One representative spec per format key (group 64 where groups apply).
@@ -63,7 +63,9 @@ def _paths(qt: QuantizedTensor, dtype: torch.dtype) -> dict[str, Callable]:
     buffers = {}  # one reused weight buffer per compute dtype, as QuantLinear's workspace
 
     def dequantize(x, compute=dtype):
-        out = buffers.setdefault(compute, torch.empty(qt.shape, dtype=compute))
+        if compute not in buffers:
+            buffers[compute] = torch.empty(qt.shape, dtype=compute)
+        out = buffers[compute]
         weight = qt.dequantize(compute, out=out, rotated=True)
         return F.linear(x.to(compute), weight).to(x.dtype)
 
@@ -105,7 +107,9 @@ def measure(
             per_tokens_rank, per_tokens_ms = [], []
             for count in tokens:
                 x = torch.randn(count, shape[1], generator=gen).to(dtype)
-                ms = {p: _median_ms(lambda f=f, x=x: f(x), repeats) for p, f in paths.items()
+                # Large batches take long and vary less: fewer repeats there.
+                n = repeats if count <= 64 else max(2, repeats // 2)
+                ms = {p: _median_ms(lambda f=f, x=x: f(x), n) for p, f in paths.items()
                       if p not in dropped}
                 best = min(ms.values())
                 # A path far behind whose time grows with the tokens (a small-batch kernel)

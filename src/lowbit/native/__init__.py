@@ -72,7 +72,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("lowbit_native::linear_tiled")
     def _linear_tiled_fake(x, packed, bits, group_len, scale, zero_kind, zero, center, vmin,
                            values, out_features, tile_rows):
-        return x.new_empty(out_features, x.shape[0]).t()
+        return x.new_empty(x.shape[0], out_features)
 
     @torch.library.register_fake("lowbit_native::dequantize_")
     def _dequantize_fake(packed, bits, group_len, scale, zero_kind, zero, center, vmin, values,
@@ -175,7 +175,7 @@ def weight_args(qt: QuantizedTensor) -> tuple:
     bits = qt.spec.bits
     values = None
     if not grid.codes_are_values:
-        values = torch.zeros(1 << bits)
+        values = torch.zeros(1 << bits, dtype=torch.float32)
         count = grid.level_count(bits)
         values[:count] = grid.decode(torch.arange(count, dtype=torch.uint8), bits)
     if qt.zero is None:
@@ -245,7 +245,7 @@ def tile_rows(in_features: int) -> int:
 def linear_tiled(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
     """``x @ W.T`` like `linear`, for larger batches: the weight is restored in float32 a tile
     of `tile_rows` rows at a time and each tile multiplied by PyTorch's GEMM while it is in
-    cache. Returns float32 ``[tokens, out]`` (a transposed view of a ``[out, tokens]`` tensor).
+    cache. Returns float32 ``[tokens, out]``.
 
     Raises:
         RuntimeError: `supports` is False for ``qt``, or ``x`` is not contiguous float32

@@ -16,7 +16,7 @@ namespace lowbit {
 namespace {
 
 
-#ifdef __AVX2__
+#ifdef LOWBIT_AVX2
 inline float horizontal_sum(__m256 v) {
   const __m128 pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 two = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
@@ -24,7 +24,7 @@ inline float horizontal_sum(__m256 v) {
 }
 #endif
 
-#ifdef __AVX2__
+#ifdef LOWBIT_AVX2
 // Per token and group, the eight lane sums of x over the group's full runs of eight columns:
 // with them a group's dot product is s * (sum v(q) x - z * sum x), so the inner loop neither
 // subtracts nor scales (float32-accurate; the weights are not rounded as a separate step).
@@ -43,11 +43,16 @@ std::vector<__m256> lane_sums(const Params& p, const float* x, int64_t tokens) {
 }
 
 // Rows n0..n1 of y [tokens, out] for a few tokens, straight from the codes: per group, two
-// chains of FMAs per token over the grid values, then one scale-and-shift into the row's sum.
+// chains of FMAs per token over the (centred) grid values, then one scale-and-shift into the
+// row's sum.
 template <int Tokens>
 void fused_rows(const Params& p, RowRestorer& rows, const float* x, const __m256* sums,
                 float* y, int64_t out, int64_t n0, int64_t n1) {
   const int64_t k = p.cols;
+  // Sums run over value - c with c the int grid's centre (0 for codebooks), the zero point's
+  // share over z - c: s * (sum (v - c) x - (z - c) * sum x) = s * (sum v x - z * sum x).
+  const float shift = p.values == nullptr ? float(int64_t(1) << (p.bits - 1)) : 0.f;
+  const __m256i center = _mm256_set1_epi32(p.values == nullptr ? int32_t(1) << (p.bits - 1) : 0);
   for (int64_t n = n0; n < n1; ++n) {
     rows.prepare(n);
     const uint8_t* codes = rows.codes();
@@ -65,8 +70,8 @@ void fused_rows(const Params& p, RowRestorer& rows, const float* x, const __m256
       for (int t = 0; t < Tokens; ++t) even[t] = odd[t] = _mm256_setzero_ps();
       int64_t i = 0;
       for (; i + 16 <= full; i += 16) {
-        const __m256 v0 = values8(codes + c0 + i, p.values, p.bits, rows.table());
-        const __m256 v1 = values8(codes + c0 + i + 8, p.values, p.bits, rows.table());
+        const __m256 v0 = centred_values8(codes + c0 + i, p.values, p.bits, rows.table(), center);
+        const __m256 v1 = centred_values8(codes + c0 + i + 8, p.values, p.bits, rows.table(), center);
         for (int t = 0; t < Tokens; ++t) {
           const float* xt = x + t * k + c0 + i;
           even[t] = _mm256_fmadd_ps(_mm256_loadu_ps(xt), v0, even[t]);
@@ -74,13 +79,13 @@ void fused_rows(const Params& p, RowRestorer& rows, const float* x, const __m256
         }
       }
       if (i < full) {
-        const __m256 v0 = values8(codes + c0 + i, p.values, p.bits, rows.table());
+        const __m256 v0 = centred_values8(codes + c0 + i, p.values, p.bits, rows.table(), center);
         for (int t = 0; t < Tokens; ++t) {
           even[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * k + c0 + i), v0, even[t]);
         }
       }
       const float s = rows.scale(g), z = rows.zero(g);
-      const __m256 scale = _mm256_set1_ps(s), zero = _mm256_set1_ps(z);
+      const __m256 scale = _mm256_set1_ps(s), zero = _mm256_set1_ps(z - shift);
       for (int t = 0; t < Tokens; ++t) {
         const __m256 dot = _mm256_fnmadd_ps(zero, sums[t * p.groups + g], _mm256_add_ps(even[t], odd[t]));
         total[t] = _mm256_fmadd_ps(scale, dot, total[t]);
@@ -100,7 +105,7 @@ void fused_rows(const Params& p, RowRestorer& rows, const float* x, const __m256
 void dot_tokens(const float* x, int64_t tokens, int64_t k, const float* w, float* y,
                 int64_t y_stride) {
   int64_t t = 0;
-#ifdef __AVX2__
+#ifdef LOWBIT_AVX2
   // Four tokens share each load of the weight; four independent sums hide the FMA latency.
   for (; t + 4 <= tokens; t += 4) {
     const float* x0 = x + t * k;
@@ -161,12 +166,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t bits, i
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / in_features);
-#ifdef __AVX2__
+#ifdef LOWBIT_AVX2
   const std::vector<__m256> sums = tokens <= 4 ? lane_sums(p, xp, tokens) : std::vector<__m256>();
 #endif
   at::parallel_for(0, out_features, grain, [&](int64_t n0, int64_t n1) {
     RowRestorer restorer(p);
-#ifdef __AVX2__
+#ifdef LOWBIT_AVX2
     const __m256* s = sums.data();
     switch (tokens) {  // a fixed count keeps every sum in a register
       case 1: return fused_rows<1>(p, restorer, xp, s, yp, out_features, n0, n1);
@@ -205,8 +210,8 @@ at::Tensor linear_tiled(const at::Tensor& x, const at::Tensor& packed, int64_t b
                                zero_kind, zero, center, vmin, values,
                                std::numeric_limits<float>::max());
   at::Tensor y_t = at::empty({out_features, tokens}, x.options());
-  if (tokens == 0 || out_features == 0) return y_t.t();
-  if (in_features == 0) return y_t.zero_().t();
+  if (tokens == 0 || out_features == 0) return y_t.t().contiguous();
+  if (in_features == 0) return y_t.zero_().t().contiguous();
   const int64_t rows = std::min(tile_rows, out_features);
   at::Tensor tile = at::empty({rows, in_features}, x.options());
   float* tp = tile.data_ptr<float>();
@@ -221,7 +226,7 @@ at::Tensor linear_tiled(const at::Tensor& x, const at::Tensor& packed, int64_t b
     at::Tensor rows_of_y = y_t.narrow(0, n0, n);
     at::mm_out(rows_of_y, tile.narrow(0, 0, n), x_t);
   }
-  return y_t.t();
+  return y_t.t().contiguous();  // callers view and reshape it like any F.linear output
 }
 
 }  // namespace

@@ -11,7 +11,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#ifdef __AVX2__
+// The vector paths need AVX2, FMA and F16C (x86-64 since 2013); elsewhere the scalar code runs.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LOWBIT_AVX2 1
 #include <immintrin.h>
 #endif
 
@@ -32,7 +34,7 @@ inline void unpack_row(const uint8_t* row, int64_t bits, int64_t cols, uint8_t* 
     std::memcpy(codes, row, cols);
   } else if (bits == 4) {
     int64_t j = 0;
-#ifdef __AVX2__
+#ifdef LOWBIT_AVX2
     const __m128i low = _mm_set1_epi8(0x0F);
     for (; j + 16 <= row_bytes && 2 * j + 32 <= cols + 16; j += 16) {
       const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j));
@@ -119,7 +121,7 @@ inline void restore_group(const uint8_t* q, int64_t n, const float* values, floa
 }
 
 
-#ifdef __AVX2__
+#ifdef LOWBIT_AVX2
 // Eight weights at a time: codes -> grid values -> (value - z) * s -> clamp, the reference's
 // float32 operations in its order, so each lane is bit-identical to restore_one's float.
 struct ValueTable {  // a codebook's first 16 values, for in-register lookups
@@ -142,6 +144,16 @@ inline __m256 values8(const uint8_t* q, const float* values, int64_t bits, const
     return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));
   }
   return _mm256_i32gather_ps(values, codes, 4);
+}
+
+// values8 minus the grid centre `center` (an exact integer subtraction for the int grid; codebooks
+// are centred at 0 already): the fused dot products work with small numbers, so subtracting the
+// zero point's share afterwards does not cancel digits away.
+inline __m256 centred_values8(const uint8_t* q, const float* values, int64_t bits,
+                              const ValueTable& table, __m256i center) {
+  if (values != nullptr) return values8(q, values, bits, table);
+  const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+  return _mm256_cvtepi32_ps(_mm256_sub_epi32(codes, center));
 }
 
 inline __m256 weights8(__m256 value, __m256 zero, __m256 scale, __m256 limit) {
@@ -186,7 +198,7 @@ struct Params {
 inline float load_float(const void* base, at::ScalarType type, int64_t i) {
   switch (type) {
     case at::kHalf: {
-#ifdef __F16C__
+#ifdef LOWBIT_AVX2
       return _cvtsh_ss(static_cast<const uint16_t*>(base)[i]);
 #else
       return float(static_cast<const c10::Half*>(base)[i]);
@@ -272,7 +284,7 @@ class RowRestorer {
   explicit RowRestorer(const Params& p)
       : p_(p), codes_(p.cols + 32), zero_codes_(p.groups + 32), scales_(p.groups),
         zeros_(p.groups) {
-#ifdef __AVX2__
+#ifdef LOWBIT_AVX2
     table_ = value_table(p.values, p.bits);
 #endif
   }
@@ -285,7 +297,7 @@ class RowRestorer {
       const int64_t c0 = g * p_.group_len;
       const int64_t n = std::min<int64_t>(p_.cols, c0 + p_.group_len) - c0;
       int64_t i = 0;
-#ifdef __AVX2__
+#ifdef LOWBIT_AVX2
       const __m256 zero = _mm256_set1_ps(zeros_[g]), scale = _mm256_set1_ps(scales_[g]);
       const __m256 limit = _mm256_set1_ps(p_.limit);
       for (; i + 8 <= n; i += 8) {
@@ -307,7 +319,7 @@ class RowRestorer {
   const uint8_t* codes() const { return codes_.data(); }
   float scale(int64_t g) const { return scales_[g]; }
   float zero(int64_t g) const { return zeros_[g]; }
-#ifdef __AVX2__
+#ifdef LOWBIT_AVX2
   const ValueTable& table() const { return table_; }
 #endif
 
@@ -337,7 +349,7 @@ class RowRestorer {
   std::vector<uint8_t> codes_, zero_codes_;
   std::vector<float> scales_, zeros_;
   int64_t loaded_row_ = -1;
-#ifdef __AVX2__
+#ifdef LOWBIT_AVX2
   ValueTable table_;
 #endif
 };

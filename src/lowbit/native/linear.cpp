@@ -193,7 +193,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t bits, i
 
 // x float32 [tokens, in] (contiguous) times the weight restored tile by tile: `tile_rows` rows
 // at a time go into a float32 buffer small enough to stay in cache, and PyTorch's GEMM
-// multiplies the tile while it is there, writing rows of y^T. The weight never makes the round
+// multiplies the tile while it is there, writing its columns of y. The weight never makes the round
 // trip through memory that dequantize + F.linear costs it. Returns float32 [tokens, out].
 at::Tensor linear_tiled(const at::Tensor& x, const at::Tensor& packed, int64_t bits,
                         int64_t group_len, const at::Tensor& scale, int64_t zero_kind,
@@ -209,13 +209,12 @@ at::Tensor linear_tiled(const at::Tensor& x, const at::Tensor& packed, int64_t b
   const Params p = make_params(op, out_features, in_features, packed, bits, group_len, scale,
                                zero_kind, zero, center, vmin, values,
                                std::numeric_limits<float>::max());
-  at::Tensor y_t = at::empty({out_features, tokens}, x.options());
-  if (tokens == 0 || out_features == 0) return y_t.t().contiguous();
-  if (in_features == 0) return y_t.zero_().t().contiguous();
+  at::Tensor y = at::empty({tokens, out_features}, x.options());
+  if (tokens == 0 || out_features == 0) return y;
+  if (in_features == 0) return y.zero_();
   const int64_t rows = std::min(tile_rows, out_features);
   at::Tensor tile = at::empty({rows, in_features}, x.options());
   float* tp = tile.data_ptr<float>();
-  const at::Tensor x_t = x.t();
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / in_features);
   for (int64_t n0 = 0; n0 < out_features; n0 += rows) {
     const int64_t n = std::min(rows, out_features - n0);
@@ -223,10 +222,11 @@ at::Tensor linear_tiled(const at::Tensor& x, const at::Tensor& packed, int64_t b
       RowRestorer restorer(p);
       for (int64_t r = r0; r < r1; ++r) restorer.restore(n0 + r, tp + r * in_features);
     });
-    at::Tensor rows_of_y = y_t.narrow(0, n0, n);
-    at::mm_out(rows_of_y, tile.narrow(0, 0, n), x_t);
+    // y[:, n0:n0+n] = x tile^T, written in place (BLAS takes the row stride of y as is).
+    at::Tensor columns = y.narrow(1, n0, n);
+    at::mm_out(columns, x, tile.narrow(0, 0, n).t());
   }
-  return y_t.t().contiguous();  // callers view and reshape it like any F.linear output
+  return y;
 }
 
 }  // namespace

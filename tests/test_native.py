@@ -220,14 +220,17 @@ def test_linear_tiled_is_fp32_accurate_across_tiles(tile_rows, tokens):
     gen = torch.Generator().manual_seed(tokens + tile_rows)
     qt = quantize(torch.randn(40, 203, generator=gen), QuantSpec(bits=4, group_size=64))
     x = torch.randn(tokens, 203, generator=gen)
-    got = torch.ops.lowbit_native.linear_tiled(x, *native.weight_args(qt), 40, tile_rows)
+    tile = torch.empty(tile_rows * 203)
+    got = torch.ops.lowbit_native.linear_tiled(x, *native.weight_args(qt), 40, tile_rows, tile)
     assert got.dtype == torch.float32 and got.shape == (tokens, 40)
     if tokens:
         want = torch.nn.functional.linear(x.double(), qt.dequantize(torch.float32).double())
         assert float((got.double() - want).abs().max() / want.abs().max()) <= 1e-5
     assert torch.equal(native.linear_tiled(x, qt), got) or tile_rows != native.tile_rows(203)
     with pytest.raises(RuntimeError, match="tile_rows must be positive"):
-        torch.ops.lowbit_native.linear_tiled(x, *native.weight_args(qt), 40, 0)
+        torch.ops.lowbit_native.linear_tiled(x, *native.weight_args(qt), 40, 0, tile)
+    with pytest.raises(RuntimeError, match="tile must be"):
+        torch.ops.lowbit_native.linear_tiled(x, *native.weight_args(qt), 40, 1, torch.empty(5))
 
 
 def test_tile_rows_fit_the_cache_budget():
@@ -257,7 +260,8 @@ def test_operators_agree_with_their_fake_kernels():
     args = native.weight_args(qt)
     torch.library.opcheck(torch.ops.lowbit_native.linear.default, (torch.randn(3, 96), *args, 24))
     torch.library.opcheck(
-        torch.ops.lowbit_native.linear_tiled.default, (torch.randn(3, 96), *args, 24, 16)
+        torch.ops.lowbit_native.linear_tiled.default,
+        (torch.randn(3, 96), *args, 24, 16, torch.empty(16 * 96)),
     )
     out = torch.empty(24, 96)
     torch.library.opcheck(torch.ops.lowbit_native.dequantize_.default, (*args, 3e38, out))

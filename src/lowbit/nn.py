@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import threading
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +15,8 @@ from lowbit.quantize import quantize
 from lowbit.rotation import rotate, unpack_signs
 from lowbit.spec import QuantSpec
 from lowbit.tensor import BlockLayout, QuantizedTensor
+from lowbit.workspace import release_workspaces as release_workspaces
+from lowbit.workspace import scratch
 
 
 class QuantLinear(nn.Module):
@@ -340,7 +339,7 @@ class QuantLinear(nn.Module):
             return weight
         # Used once and dropped: fill a reusable per-thread buffer instead of a fresh
         # allocation, whose page faults cost more than the dequantization itself.
-        return qt.dequantize(dtype, out=_workspace(qt.shape, dtype, qt.device), rotated=True)
+        return qt.dequantize(dtype, out=scratch(qt.shape, dtype, qt.device), rotated=True)
 
     def _sign_vector(self, device: torch.device) -> torch.Tensor:
         if self._signs is None or self._signs.device != device:
@@ -438,34 +437,3 @@ class _KernelMatmul(torch.autograd.Function):
         return grad @ weight, None, None, None
 
 
-_WORKSPACES = threading.local()
-
-
-def _workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A scratch tensor of ``shape`` for one layer's dequantized weight during its forward.
-
-    One flat buffer per thread, dtype and device, grown to the largest layer seen and shared by
-    all layers (each uses it only inside its own forward): it costs one float copy of the largest
-    layer, not of the model. `release_workspaces` frees it.
-    """
-    buffers = getattr(_WORKSPACES, "buffers", None)
-    if buffers is None:
-        buffers = _WORKSPACES.buffers = {}
-    numel = math.prod(shape)
-    key = (dtype, device)
-    buffer = buffers.get(key)
-    if buffer is None or buffer.numel() < numel:
-        buffers.pop(key, None)  # free the smaller one first
-        # A normal tensor, even when first needed under inference_mode: an inference tensor
-        # could not be written to by a later forward outside it.
-        with torch.inference_mode(False):
-            buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buffer[:numel].view(shape)
-
-
-def release_workspaces() -> int:
-    """Free this thread's dequantization scratch buffers; returns the bytes released."""
-    buffers = getattr(_WORKSPACES, "buffers", None) or {}
-    released = sum(b.numel() * b.element_size() for b in buffers.values())
-    buffers.clear()
-    return released

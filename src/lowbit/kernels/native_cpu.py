@@ -16,6 +16,7 @@ import torch
 from lowbit import native
 from lowbit.kernels.registry import Kernel, finish_output, register_kernel
 from lowbit.tensor import QuantizedTensor
+from lowbit.workspace import scratch
 
 
 def _supports(qt: QuantizedTensor, device: torch.device) -> bool:
@@ -37,14 +38,16 @@ def _run(x, prepared, bias):
 
 def _prepare_tiled(qt: QuantizedTensor) -> dict:
     prepared = _prepare(qt)
-    prepared["tile_rows"] = native.tile_rows(qt.shape[1])
+    prepared["tile_rows"] = min(native.tile_rows(qt.shape[1]), qt.shape[0])
     return prepared
 
 
 def _run_tiled(x, prepared, bias):
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    rows = prepared["tile_rows"]
+    tile = scratch((rows, x2.shape[1]), torch.float32, x2.device)
     y = torch.ops.lowbit_native.linear_tiled(
-        x2, *prepared["args"], prepared["out_features"], prepared["tile_rows"]
+        x2, *prepared["args"], prepared["out_features"], rows, tile
     )
     return finish_output(y, x, bias)
 

@@ -29,6 +29,7 @@ import torch
 
 from lowbit.grids import get_grid
 from lowbit.models import cache_dir
+from lowbit.workspace import scratch
 
 if TYPE_CHECKING:
     from lowbit.tensor import QuantizedTensor
@@ -71,7 +72,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("lowbit_native::linear_tiled")
     def _linear_tiled_fake(x, packed, bits, group_len, scale, zero_kind, zero, center, vmin,
-                           values, out_features, tile_rows):
+                           values, out_features, tile_rows, tile):
         return x.new_empty(x.shape[0], out_features)
 
     @torch.library.register_fake("lowbit_native::dequantize_")
@@ -244,13 +245,14 @@ def tile_rows(in_features: int) -> int:
 
 def linear_tiled(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
     """``x @ W.T`` like `linear`, for larger batches: the weight is restored in float32 a tile
-    of `tile_rows` rows at a time and each tile multiplied by PyTorch's GEMM while it is in
-    cache. Returns float32 ``[tokens, out]``.
+    of `tile_rows` rows at a time (into this thread's scratch buffer, `lowbit.workspace`) and
+    each tile multiplied by PyTorch's GEMM while it is in cache. Returns float32 ``[tokens, out]``.
 
     Raises:
         RuntimeError: `supports` is False for ``qt``, or ``x`` is not contiguous float32
             ``[tokens, in]``.
     """
     _require(qt)
-    rows = tile_rows(qt.shape[1])
-    return torch.ops.lowbit_native.linear_tiled(x, *weight_args(qt), qt.shape[0], rows)
+    rows = min(tile_rows(qt.shape[1]), qt.shape[0])
+    tile = scratch((rows, qt.shape[1]), torch.float32, "cpu")
+    return torch.ops.lowbit_native.linear_tiled(x, *weight_args(qt), qt.shape[0], rows, tile)

@@ -192,14 +192,15 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t bits, i
 }
 
 // x float32 [tokens, in] (contiguous) times the weight restored tile by tile: `tile_rows` rows
-// at a time go into a float32 buffer small enough to stay in cache, and PyTorch's GEMM
+// at a time go into `tile` (the caller's reused scratch buffer: a fresh allocation of this size
+// costs more in page faults than the restore), small enough to stay in cache, and PyTorch's GEMM
 // multiplies the tile while it is there, writing its columns of y. The weight never makes the round
 // trip through memory that dequantize + F.linear costs it. Returns float32 [tokens, out].
 at::Tensor linear_tiled(const at::Tensor& x, const at::Tensor& packed, int64_t bits,
                         int64_t group_len, const at::Tensor& scale, int64_t zero_kind,
                         const std::optional<at::Tensor>& zero, double center, double vmin,
                         const std::optional<at::Tensor>& values, int64_t out_features,
-                        int64_t tile_rows) {
+                        int64_t tile_rows, const at::Tensor& tile) {
   const char* op = "linear_tiled";
   check(x.device().is_cpu(), op, "CPU tensors only");
   check(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), op,
@@ -209,12 +210,15 @@ at::Tensor linear_tiled(const at::Tensor& x, const at::Tensor& packed, int64_t b
   const Params p = make_params(op, out_features, in_features, packed, bits, group_len, scale,
                                zero_kind, zero, center, vmin, values,
                                std::numeric_limits<float>::max());
+  const int64_t rows = std::min(tile_rows, out_features);
+  check(tile.scalar_type() == at::kFloat && tile.is_contiguous() &&
+            tile.numel() >= rows * in_features,
+        op, "tile must be a contiguous float32 buffer of at least tile_rows x in_features");
   at::Tensor y = at::empty({tokens, out_features}, x.options());
   if (tokens == 0 || out_features == 0) return y;
   if (in_features == 0) return y.zero_();
-  const int64_t rows = std::min(tile_rows, out_features);
-  at::Tensor tile = at::empty({rows, in_features}, x.options());
   float* tp = tile.data_ptr<float>();
+  const at::Tensor restored = tile.view(-1).narrow(0, 0, rows * in_features).view({rows, in_features});
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / in_features);
   for (int64_t n0 = 0; n0 < out_features; n0 += rows) {
     const int64_t n = std::min(rows, out_features - n0);
@@ -224,7 +228,7 @@ at::Tensor linear_tiled(const at::Tensor& x, const at::Tensor& packed, int64_t b
     });
     // y[:, n0:n0+n] = x tile^T, written in place (BLAS takes the row stride of y as is).
     at::Tensor columns = y.narrow(1, n0, n);
-    at::mm_out(columns, x, tile.narrow(0, 0, n).t());
+    at::mm_out(columns, x, restored.narrow(0, 0, n).t());
   }
   return y;
 }
@@ -240,6 +244,6 @@ TORCH_LIBRARY_FRAGMENT(lowbit_native, m) {
   m.def(
       "linear_tiled(Tensor x, Tensor packed, int bits, int group_len, Tensor scale, "
       "int zero_kind, Tensor? zero, float center, float vmin, Tensor? values, int out_features, "
-      "int tile_rows) -> Tensor");
+      "int tile_rows, Tensor(a!) tile) -> Tensor");
   m.impl("linear_tiled", c10::DispatchKey::CPU, TORCH_FN(lowbit::linear_tiled));
 }

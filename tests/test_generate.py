@@ -85,3 +85,16 @@ def test_generate_checks_its_arguments(tiny_llama_dir):
         generate(model, tokenizer, "  ")
     with pytest.raises(TypeError, match="cannot generate"):
         generate(torch.nn.Linear(2, 2), tokenizer, "a")
+
+
+def test_compiled_decoding_gives_the_same_text_and_reports_the_compilation(int8_dir):
+    """The static-cache, compiled decode step (lowbit's native kernels traced through their
+    fake kernels) continues exactly as the eager one."""
+    model, tokenizer = load_quantized(int8_dir)
+    eager = generate(model, tokenizer, "abc", max_new_tokens=6)
+    compiled = generate(model, tokenizer, "abc", max_new_tokens=6, compile=True)
+    assert compiled.text == eager.text and compiled.new_tokens == eager.new_tokens
+    assert compiled.compile_s > 0 and compiled.decode_steps == compiled.new_tokens - 2
+    assert "compile + first decode step" in compiled.summary()
+    with pytest.raises(TypeError, match="compile must be a bool"):
+        generate(model, tokenizer, "abc", max_new_tokens=2, compile="yes")

@@ -4,6 +4,12 @@
 two phases separately: the prefill (one forward over the prompt, which yields the first new
 token) and the decode (one forward per further token). The times come from a logits processor,
 which transformers calls once per new token right after that token's forward.
+
+With ``compile=True`` the decode step runs compiled (TorchInductor, static shapes) against a
+static KV cache, as gpt-fast does: transformers' own automatic compilation, switched on for the
+CPU too. The first decode step then includes the compilation (a minute or more on two cores,
+less when Inductor's on-disk cache has it); it is reported as ``compile_s`` and left out of the
+decode speed.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ class Generation:
         prompt_tokens: tokens in the prompt.
         new_tokens: tokens generated (fewer than asked when the model ends the text).
         prefill_s: seconds from the call to the first new token (the prompt's forward).
-        decode_s: seconds for the remaining ``new_tokens - 1`` tokens.
+        decode_s: seconds for the remaining ``new_tokens - 1`` tokens (compiled: the
+            ``new_tokens - 2`` after the first decode step).
+        compile_s: compiled runs: the first decode step (compilation included); else 0.
     """
 
     text: str
@@ -34,6 +42,12 @@ class Generation:
     new_tokens: int
     prefill_s: float
     decode_s: float
+    compile_s: float = 0.0
+
+    @property
+    def decode_steps(self) -> int:
+        """Decode steps ``decode_s`` covers."""
+        return max(0, self.new_tokens - (2 if self.compile_s else 1))
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -42,19 +56,22 @@ class Generation:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """New tokens per second after the first (0.0 when only one was generated)."""
-        steps = self.new_tokens - 1
+        """Decode steps per second (0.0 when there were none)."""
+        steps = self.decode_steps
         if steps <= 0:
             return 0.0
         return steps / self.decode_s if self.decode_s > 0 else float("inf")
 
     def summary(self) -> str:
         """One line: prefill and decode tokens and tokens/s."""
-        return (
+        line = (
             f"prefill: {self.prompt_tokens} tokens in {self.prefill_s:.3f} s "
-            f"({self.prefill_tokens_per_s:.1f} tok/s) | decode: {self.new_tokens - 1} tokens in "
+            f"({self.prefill_tokens_per_s:.1f} tok/s) | decode: {self.decode_steps} tokens in "
             f"{self.decode_s:.3f} s ({self.decode_tokens_per_s:.1f} tok/s)"
         )
+        if self.compile_s:
+            line += f" | compile + first decode step: {self.compile_s:.1f} s"
+        return line
 
 
 class _StepClock:
@@ -70,7 +87,7 @@ class _StepClock:
 
 
 def generate(
-    model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64
+    model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64, *, compile: bool = False
 ) -> Generation:
     """Greedy decoding of ``prompt`` with ``model``'s KV cache, timed per phase.
 
@@ -79,13 +96,14 @@ def generate(
         tokenizer: its tokenizer.
         prompt: non-empty text.
         max_new_tokens: 1..65536; the prompt plus these must fit the model's context.
+        compile: run the decode step compiled against a static KV cache (see the module).
 
     Returns:
         A `Generation` (text, token counts, prefill and decode seconds).
 
     Raises:
-        TypeError: ``prompt`` not a str, ``max_new_tokens`` not an int, or ``model`` cannot
-            generate.
+        TypeError: ``prompt`` not a str, ``max_new_tokens`` not an int, ``compile`` not a
+            bool, or ``model`` cannot generate.
         ValueError: an empty prompt (or one that tokenizes to nothing), ``max_new_tokens`` out
             of range, or prompt + new tokens beyond the context.
     """
@@ -95,6 +113,8 @@ def generate(
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
         raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool, got {compile!r}")
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
         raise ValueError(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}, got {max_new_tokens}")
     if not callable(getattr(model, "generate", None)):
@@ -113,6 +133,7 @@ def generate(
     device = next(model.parameters()).device
     clock = _StepClock()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    options = _compiled_decoding() if compile else {}
     with torch.inference_mode():
         start = time.perf_counter()
         out = model.generate(
@@ -123,14 +144,30 @@ def generate(
             use_cache=True,
             logits_processor=LogitsProcessorList([clock]),
             pad_token_id=pad,
+            **options,
         )
     new = out[0, ids.shape[1] :]
-    first = clock.times[0] if clock.times else time.perf_counter()
-    last = clock.times[-1] if clock.times else first
+    times = clock.times or [time.perf_counter()]
+    compile_s = 0.0
+    if compile and len(times) >= 2:
+        compile_s = times[1] - times[0]
+        times = times[1:]
     return Generation(
         text=tokenizer.decode(new, skip_special_tokens=True),
         prompt_tokens=int(ids.shape[1]),
         new_tokens=int(new.numel()),
-        prefill_s=first - start,
-        decode_s=last - first,
+        prefill_s=clock.times[0] - start if clock.times else times[0] - start,
+        decode_s=times[-1] - times[0],
+        compile_s=compile_s,
     )
+
+
+def _compiled_decoding() -> dict:
+    """``generate`` options for a static cache and a compiled decode step on any device
+    (transformers compiles automatically only on GPUs; CUDA graphs, its default mode, are
+    GPU-only, hence mode "default")."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(dynamic=False, mode="default")
+    config._compile_all_devices = True  # transformers' switch for compiling off-GPU
+    return {"cache_implementation": "static", "compile_config": config}

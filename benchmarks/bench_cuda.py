@@ -46,6 +46,7 @@ def linear_table() -> None:
         "vs bf16",
         "g64 tinygemm us",
         "g64 dequantize path us",
+        "g64 path (plan)",
     ]
     print("| " + " | ".join(head) + " |")
     print("| --- " * len(head) + "|")
@@ -74,6 +75,7 @@ def linear_table() -> None:
                 f"{base / t128:.2f}x",
                 f"{tkern:.1f}",
                 f"{tdeq:.1f}",
+                q64.plan(x.device, x.dtype).path(tokens),
             ]
             print("| " + " | ".join(cells) + " |")
 

@@ -223,3 +223,23 @@ def test_layers_plan_again_after_a_registration_or_a_new_table(table, monkeypatc
     monkeypatch.setattr(registry, "_KERNELS", dict(registry._KERNELS))
     registry.register_kernel(newer)
     assert layer.plan().summary() == "test_registered_later:1-2,dequantize:3+"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"formats": {}}, ValueError, "formats must be a non-empty dict"),
+        ({"formats": {"int4": "int4 g64"}}, TypeError, "QuantSpec objects"),
+        ({"tokens": ()}, ValueError, "tokens must be ascending"),
+        ({"tokens": (4, 1)}, ValueError, "tokens must be ascending"),
+        ({"tokens": (0, 1)}, ValueError, "tokens must be ascending"),
+        ({"shape": (16,)}, ValueError, "shape must be two positive ints"),
+        ({"shape": (16, 0)}, ValueError, "shape must be two positive ints"),
+        ({"repeats": 0}, ValueError, "repeats must be a positive int"),
+    ],
+)
+def test_measure_refuses_bad_arguments(kwargs, error, match):
+    arguments = {"formats": {"int4": QuantSpec(bits=4, group_size=64)}, "tokens": (1,),
+                 "shape": (16, 64), "repeats": 1, **kwargs}
+    with pytest.raises(error, match=match):
+        tuning.measure(**arguments)

@@ -304,3 +304,42 @@ def test_codebook_tables_ignore_the_default_dtype(monkeypatch):
         assert_same_bits(qt.dequantize(torch.float32), want)
     finally:
         torch.set_default_dtype(previous)
+
+
+def test_without_a_compiler_it_warns_once_and_the_eager_path_serves(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        assert not native.available()
+    assert not native.available()  # decided once: no second warning, no second attempt
+    qt = quantize(torch.randn(8, 64), QuantSpec(bits=4, group_size=32))
+    assert not native.supports(qt)
+    with pytest.raises(RuntimeError, match="do not take"):
+        native.linear(torch.randn(2, 64), qt)
+    assert qt.dequantize().shape == (8, 64)  # the eager reference
+
+
+def test_a_failing_build_leaves_nothing_in_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with pytest.warns(RuntimeWarning, match="building lowbit_native.so failed"):
+        assert not native.available()
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # no half-written library
+
+
+def test_dequantize_into_refuses_what_it_cannot_fill():
+    qt = quantize(torch.randn(8, 64), QuantSpec(bits=4, group_size=32))
+    with pytest.raises(RuntimeError, match="packed shape"):
+        native.dequantize_into(qt, torch.empty(8, 32), 3e38)
+    with pytest.raises(RuntimeError, match="out must be float32"):
+        native.dequantize_into(qt, torch.empty(8, 64, dtype=torch.int32), 3e38)
+    qt.packed = qt.packed.to("meta")
+    with pytest.raises(RuntimeError, match="do not take"):
+        native.dequantize_into(qt, torch.empty(8, 64), 3e38)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "576"])
+def test_tile_rows_refuses_bad_widths(bad):
+    with pytest.raises(ValueError, match="in_features must be a positive int"):
+        native.tile_rows(bad)

@@ -9,7 +9,6 @@ is ranked last there), so the table takes a few minutes on two cores.
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from lowbit import native
 from lowbit.kernels.dispatch import DEQUANTIZE, DEQUANTIZE_FP32, TABLE_VERSION, format_key
 from lowbit.kernels.registry import available_kernels, get_kernel
 from lowbit.quantize import quantize
@@ -85,11 +85,28 @@ def measure(
 ) -> dict:
     """Time every path; return the table (`lowbit.kernels.dispatch` reads its ``rankings``).
 
+    Raises:
+        ValueError / TypeError: empty or non-QuantSpec ``formats``, ``tokens`` not ascending
+            positive ints, ``shape`` not two positive ints, ``repeats`` below 1, or a spec whose
+            format key is not its key.
+
     Returns a dict with ``version``, ``device``, ``machine``, ``torch``, ``threads``, ``shape``,
     ``tokens``, ``rankings`` (dtype name -> format key -> per token count, path names fastest
     first) and ``timings_ms`` (same keys -> per token count, path -> median ms).
     """
     formats = FORMATS if formats is None else formats
+    if not isinstance(formats, dict) or not formats:
+        raise ValueError("formats must be a non-empty dict of format key -> QuantSpec")
+    if not all(isinstance(spec, QuantSpec) for spec in formats.values()):
+        raise TypeError("formats must map format keys to QuantSpec objects")
+    counts = list(tokens)
+    if not counts or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                             for n in counts) or counts != sorted(set(counts)):
+        raise ValueError(f"tokens must be ascending positive ints, got {tokens!r}")
+    if len(shape) != 2 or not all(isinstance(n, int) and n > 0 for n in shape):
+        raise ValueError(f"shape must be two positive ints (out, in), got {shape!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(*shape, generator=gen) * 0.02
     rankings: dict[str, dict] = {}
@@ -117,8 +134,9 @@ def measure(
                 # it is measured on.
                 for path, spent in ms.items():
                     before = last.get(path)
-                    growing = before is None or spent >= 0.75 * before * count / last_count
-                    if spent > GIVE_UP * best and growing and before is not None:
+                    if before is None or spent <= GIVE_UP * best:
+                        continue
+                    if spent >= 0.75 * before * count / last_count:  # grows with the tokens
                         dropped.add(path)
                 last, last_count = ms, count
                 order = sorted(ms, key=ms.get) + sorted(set(paths) - set(ms))
@@ -137,7 +155,7 @@ def measure(
     return {
         "version": TABLE_VERSION,
         "device": "cpu",
-        "machine": _machine(),
+        "machine": native.cpu_info("model name"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "shape": list(shape),
@@ -145,14 +163,3 @@ def measure(
         "rankings": rankings,
         "timings_ms": timings,
     }
-
-
-def _machine() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

@@ -4,7 +4,8 @@ with the system's C++ compiler against the installed PyTorch and loaded as PyTor
 
 Why native: the eager dequantize (unpack, grid lookup, ``(value - zero) * scale``, cast) makes
 one pass over memory per step, about 3x a plain copy's time; Inductor did not vectorise the
-unpack (``docs/status.md``). One C++ pass per weight runs at about a copy's speed.
+unpack (``docs/status.md``). One C++ pass per weight runs at 0.65-0.93 of a plain copy's speed
+for float32 outputs (``docs/benchmarks.md``).
 
 The library is built once per source, PyTorch version and CPU (``-march=native``) into
 ``<cache>/native/<key>/`` (the cache directory of `lowbit.models.cache_dir`), written to a
@@ -81,16 +82,22 @@ def _register_fakes() -> None:
         return None
 
 
-def _cpu_id() -> str:
-    # -march=native code is only valid on the CPU that built it: key the cache by its flags.
+def cpu_info(*fields: str) -> str:
+    """The value of the first of ``fields`` in ``/proc/cpuinfo`` (e.g. ``"model name"``), or
+    the platform's processor name where there is no such file or field."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
             for line in info:
-                if line.startswith(("flags", "Features")):
-                    return line
+                if line.startswith(fields):
+                    return line.split(":", 1)[-1].strip()
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _cpu_id() -> str:
+    # -march=native code is only valid on the CPU that built it: key the cache by its flags.
+    return cpu_info("flags", "Features")
 
 
 def _compiler() -> str:
@@ -238,9 +245,15 @@ TILE_BYTES = 4 << 20
 
 
 def tile_rows(in_features: int) -> int:
-    """Rows per tile of `linear_tiled` for a weight with ``in_features`` columns (a multiple of
-    16, at least 16)."""
-    return max(16, TILE_BYTES // (4 * max(1, in_features)) // 16 * 16)
+    """Rows per tile of `linear_tiled` for a weight with ``in_features`` (>= 1) columns (a
+    multiple of 16, at least 16).
+
+    Raises:
+        ValueError: ``in_features`` is not a positive int.
+    """
+    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+        raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+    return max(16, TILE_BYTES // (4 * in_features) // 16 * 16)
 
 
 def linear_tiled(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
